@@ -1,0 +1,72 @@
+"""One shard task: read its planned files, decode and resize them, write the shard and its record.
+
+A task is independent of every other: it needs the reader of the source, the output folder and
+the options, and it leaves two files behind, both written atomically:
+
+    OUT/<split>/<split>-NNNNN.h5      the shard (absent when every file of the task was rejected)
+    OUT/.partial/<split>-NNNNN.json   its record: count, sha256, rejects; written last
+
+A task whose record exists is done; a resumed run skips it. This is what the local process pool
+runs, and what any other engine may run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from prep.atomic import atomic_write_text
+from prep.decode import decode_resize, encode_jpeg
+from prep.errors import BadImage
+from prep.plan import ShardOptions, ShardTask
+from prep.shards import sha256_file, write_shard
+
+JOURNAL = ".partial"
+
+
+def max_file_bytes(options: ShardOptions) -> int:
+    """No honest encoding needs more than 8 bytes a pixel (16-bit RGBA, uncompressed)."""
+    return 8 * options.max_pixels + (1 << 20)
+
+
+def record_path(out: Path, task: ShardTask) -> Path:
+    return Path(out) / JOURNAL / f"{task.name}.json"
+
+
+def build_shard(task: ShardTask, reader, out: Path, options: ShardOptions, on_image=None) -> dict:
+    """Run one task; returns its record. ``on_image()`` is called once per file handled."""
+    out = Path(out)
+    size = options.size
+    raw = options.encoding == "raw"
+    pixels = np.empty((len(task.items), size, size, 3), dtype=np.uint8) if raw else []
+    keys, labels, rejects = [], [], []
+    for key, label in task.items:
+        try:
+            image = decode_resize(reader.read(key, max_file_bytes(options)), size, options.policy, options.max_pixels)
+        except BadImage as error:
+            rejects.append([key, str(error)])
+        except OSError as error:
+            rejects.append([key, f"unreadable: {error.strerror or error}"])
+        except Exception as error:  # a decoder bug on one odd file must not end a long run
+            rejects.append([key, f"unexpected decoder error: {type(error).__name__}: {error}"])
+        else:
+            if raw:
+                pixels[len(keys)] = image
+            else:
+                pixels.append(encode_jpeg(image, options.quality))
+            keys.append(key)
+            labels.append(label)
+        if on_image:
+            on_image()
+
+    record = {"split": task.split, "index": task.index, "file": None, "count": len(keys), "sha256": None}
+    if keys:
+        path = out / task.file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_shard(path, task.split, size, options.encoding, labels, keys, pixels[: len(keys)])
+        record.update(file=task.file, sha256=sha256_file(path))
+    record["rejects"] = rejects
+    atomic_write_text(record_path(out, task), json.dumps(record))
+    return record

@@ -1,0 +1,204 @@
+"""``imgprep``: make and inspect shards.
+
+    imgprep shard /data/imagenet              # -> ./shards (or --out, or $IMGPREP_SHARDS)
+    imgprep info                              # what ./shards holds
+    imgprep verify                            # re-hash every shard against manifest.json
+
+Set IMGPREP_DEBUG=1 to see the traceback behind a one-line error.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from prep import __version__
+
+DEFAULT_SHARDS = "shards"
+SHARDS_ENV = "IMGPREP_SHARDS"
+
+
+def report_errors(command):
+    """Our own errors become one line (exit 1); anything else keeps its traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from prep.errors import PrepError
+
+        try:
+            return command(*args, **kwargs)
+        except PrepError as error:
+            if os.environ.get("IMGPREP_DEBUG"):
+                raise
+            raise click.ClickException(f"{error}  (IMGPREP_DEBUG=1 shows the traceback)") from None
+
+    return wrapper
+
+
+def shards_argument(command):
+    return click.argument(
+        "shards", required=False, default=None, metavar="[SHARDS]",
+        type=click.Path(file_okay=False, path_type=Path),
+    )(command)
+
+
+def resolve_shards(shards: Path | None) -> Path:
+    return shards or Path(os.environ.get(SHARDS_ENV, DEFAULT_SHARDS))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(version=__version__, message="imgprep %(version)s")
+def main():
+    """Turn an ImageNet-style folder into 256x256 HDF5 shards, then inspect and check them."""
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), envvar=SHARDS_ENV,
+              default=DEFAULT_SHARDS, show_default=True, show_envvar=True, help="Output folder.")
+@click.option("--size", default=256, show_default=True, help="Output side in pixels.")
+@click.option("--policy", type=click.Choice(["crop", "squash"]), default="crop", show_default=True,
+              help="crop: shorter side to SIZE, then the central SIZE x SIZE (the paper). "
+                   "squash: both sides to SIZE, aspect ratio lost (Caffe's warp).")
+@click.option("--encoding", type=click.Choice(["raw", "jpeg"]), default="raw", show_default=True,
+              help="raw: uint8 pixels (~192 KiB an image at 256; fastest to read). "
+                   "jpeg: re-encoded at --quality (~10x smaller; decoded when read).")
+@click.option("--quality", default=90, show_default=True, help="JPEG quality 1-100 for --encoding jpeg.")
+@click.option("--shard-size", default=1024, show_default=True, help="Source files per shard file.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the order of files across shards.")
+@click.option("--max-pixels", default=100_000_000, show_default=True,
+              help="Reject files whose decoded width x height exceeds this (decompression bombs).")
+@click.option("--workers", default=None, type=int, help="Processes.  [default: all cores]")
+@click.option("--val-labels", type=click.Path(dir_okay=False, path_type=Path),
+              help="Labels for a flat SRC/val: lines 'filename wnid', or a CSV with those two columns.")
+@click.option("--overwrite", is_flag=True,
+              help="First delete what imgprep wrote in --out (shards, manifest, rejects, stats); "
+                   "needed when --out holds shards made with other options or from another source.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@report_errors
+def shard(src, out, size, policy, encoding, quality, shard_size, seed, max_pixels, workers, val_labels,
+          overwrite, quiet):
+    """Resize every image of SRC into HDF5 shards in --out.
+
+    \b
+    SRC layouts:
+      SRC/train/<wnid>/*  and  SRC/val/<wnid>/*
+      SRC/train/<wnid>/*  and  a flat SRC/val/* with --val-labels FILE
+    Class names come from SRC/LOC_synset_mapping.txt, synset_words.txt or words.txt if present.
+
+    Every image is decoded as RGB whatever it is (CMYK, greyscale, palette, alpha, 16-bit, a PNG
+    named .JPEG), resized with antialiased bicubic resampling and cut per --policy. EXIF
+    orientation is ignored, as it was when ImageNet was labelled. Files that cannot be used
+    (empty, truncated, not images, over --max-pixels) are listed with the reason in
+    OUT/rejects.jsonl and do not stop the run. Interrupted? Run the same command again: finished
+    shards are kept. The same input and options always give byte-identical shards.
+    """
+    from prep.job import run_shard_job
+    from prep.plan import ShardOptions
+    from prep.sources import scan_tree
+
+    options = ShardOptions(size=size, policy=policy, encoding=encoding, quality=quality,
+                           shard_size=shard_size, seed=seed, max_pixels=max_pixels)
+    workers = workers or available_cores()
+    settings = " ".join(f"{k}={v}" for k, v in options.as_dict().items())
+    click.echo(f"imgprep shard {src} -> {out}  ({settings} workers={workers})")
+    dataset = scan_tree(src, val_labels)
+    found = ", ".join(f"{len(items):,} {split}" for split, items in dataset.splits.items())
+    click.echo(f"found {found} files in {len(dataset.classes):,} classes; "
+               f"{len(dataset.rejects):,} left out while scanning")
+    summary = run_shard_job(dataset, out, options, workers, overwrite, progress=not quiet)
+    written = ", ".join(f"{n:,} {split}" for split, n in summary.counts.items())
+    if summary.already_complete:
+        click.echo(f"{out} is already complete ({written} images); nothing to do")
+        return
+    rate = sum(summary.counts.values()) / max(summary.seconds, 1e-9)
+    click.echo(f"wrote {written} images in {summary.shards} shards ({human_bytes(summary.bytes)}) "
+               f"in {summary.seconds:.1f} s ({rate:,.0f} img/s)"
+               + (f", {summary.resumed} shards kept from an earlier run" if summary.resumed else ""))
+    if summary.rejected:
+        click.echo(f"rejected {summary.rejected:,} files: reasons in {summary.out / 'rejects.jsonl'}")
+
+
+@main.command()
+@shards_argument
+@report_errors
+def info(shards):
+    """Show what a shard folder holds: splits, counts, classes, size on disk, options, rejects.
+
+    SHARDS defaults to $IMGPREP_SHARDS, else ./shards.
+    """
+    from prep.shards import read_manifest, read_rejects
+
+    root = resolve_shards(shards)
+    manifest = read_manifest(root)
+    click.echo(f"{root}  ({manifest['format']} v{manifest['version']}, made by {manifest['tool']})")
+    click.echo(f"source   {manifest['source']}")
+    click.echo("options  " + " ".join(f"{k}={v}" for k, v in manifest["options"].items()))
+    classes = manifest["classes"]
+    shown = ", ".join(f"{c['wnid']}" + (f" ({c['name']})" if c["name"] else "") for c in classes[:3])
+    click.echo(f"classes  {len(classes):,}: {shown}{', ...' if len(classes) > 3 else ''}")
+    click.echo(f"\n{'split':8}{'images':>12}{'shards':>8}{'on disk':>12}{'rejected':>10}")
+    for split, entry in manifest["splits"].items():
+        size = sum((root / e["file"]).stat().st_size for e in entry["shards"] if (root / e["file"]).exists())
+        click.echo(f"{split:8}{entry['count']:>12,}{len(entry['shards']):>8}{human_bytes(size):>12}"
+                   f"{entry['rejected']:>10,}")
+    rejects = read_rejects(root)
+    if rejects:
+        click.echo(f"\nrejected files by reason (all in {root / 'rejects.jsonl'}):")
+        kinds = Counter(r["reason"].split(":")[0] for r in rejects)
+        for reason, count in kinds.most_common(8):
+            example = next(r["path"] for r in rejects if r["reason"].split(":")[0] == reason)
+            click.echo(f"{count:>8,}  {reason}  (e.g. {example})")
+    stats = root / "stats.json"
+    click.echo(f"\nstats    {'present' if stats.exists() else 'none yet (imgprep pca-stats)'}")
+
+
+@main.command()
+@shards_argument
+@report_errors
+def verify(shards):
+    """Re-hash every shard of SHARDS against manifest.json; exit 1 naming each mismatch.
+
+    SHARDS defaults to $IMGPREP_SHARDS, else ./shards.
+    """
+    from tqdm import tqdm
+
+    from prep.shards import read_manifest, sha256_file
+
+    root = resolve_shards(shards)
+    manifest = read_manifest(root)
+    entries = [e for s in manifest["splits"].values() for e in s["shards"]]
+    present = [e for e in entries if (root / e["file"]).is_file()]
+    problems = [f"missing: {root / e['file']}" for e in entries if e not in present]
+    total = sum((root / e["file"]).stat().st_size for e in present)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", dynamic_ncols=True) as bar:
+        for entry in present:
+            if sha256_file(root / entry["file"], on_bytes=bar.update) != entry["sha256"]:
+                problems.append(f"sha256 mismatch: {root / entry['file']}")
+    for problem in problems:
+        click.echo(problem, err=True)
+    if problems:
+        raise SystemExit(1)
+    click.echo(f"ok: {len(entries)} shards, {human_bytes(total)}, all match {root / 'manifest.json'}")
+
+
+def available_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # the cores this process may use (containers, taskset)
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Bytes of any source image -> RGB uint8 array of shape (S, S, 3).
+
+The geometry (policy "crop", the paper's): scale so the shorter side is S, then take the
+central S x S window. For a W x H source with W >= H::
+
+    resized width   W' = round(W * S / H),  height S
+    window left     (W' - S) // 2            (top 0; the same with the axes swapped)
+
+Policy "squash" (Caffe's warp) resizes both sides to S and keeps no aspect ratio.
+
+Resampling is antialiased bicubic (the filter is widened by the reduction factor, as PIL does),
+run by torch's vectorised uint8 kernel: about 4x faster than Pillow's own resize and within
+~0.1 dB of it. A JPEG much larger than the target is first reduced in the DCT domain by a
+power of two (libjpeg-turbo scaled IDCT), but never below twice the target's shorter side:
+DCT reduction alone aliases on fine texture, the bicubic pass after it does not.
+
+Colour: every source ends as RGB. Greyscale is repeated, palettes expanded, alpha dropped
+(as ``PIL.Image.convert("RGB")`` and torchvision do), CMYK converted by Pillow, 16-bit samples
+reduced to their high byte. EXIF orientation is ignored, as it was when ImageNet was labelled.
+The file type is sniffed from its bytes, so a PNG named ``.JPEG`` decodes as a PNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+
+import numpy as np
+import simplejpeg
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from prep.errors import BadImage
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
+# libjpeg warnings that leave every pixel decoded (stray bytes between segments, a quirky SOS
+# header some cameras write); any other warning means missing or damaged image data.
+BENIGN_JPEG_WARNINGS = ("extraneous bytes before marker", "Invalid SOS parameters")
+
+
+def decode_resize(data: bytes, size: int, policy: str, max_pixels: int) -> np.ndarray:
+    """Decode ``data`` and return it resized to (size, size, 3) uint8 RGB; BadImage if unusable."""
+    if not data:
+        raise BadImage("empty file")
+    decoded = decode_jpeg(data, size, max_pixels) if data.startswith(JPEG_MAGIC) else None
+    if decoded is None:  # not a JPEG, or one libjpeg-turbo cannot colour-convert (CMYK)
+        pixels = decode_with_pil(data, max_pixels)
+        return resize_square(pixels, size, policy)
+    pixels, source_wh = decoded
+    return resize_square(pixels, size, policy, source_wh)
+
+
+def decode_jpeg(data: bytes, size: int, max_pixels: int):
+    """(RGBX pixels, (width, height) before reduction) of a JPEG, or None to use Pillow.
+
+    The image is DCT-reduced by 2, 4 or 8 while its shorter side stays >= 2 * size.
+    """
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None  # let Pillow try (and name the problem if it fails too)
+    check_pixel_count(width, height, max_pixels)
+    if colorspace in ("CMYK", "YCCK"):
+        return None
+    reduction = 1
+    while reduction < 8 and min(width, height) >= 2 * size * reduction * 2:
+        reduction *= 2
+    # simplejpeg picks the smallest scale k/8 meeting both minimums: exactly 1/reduction here.
+    min_h, min_w = math.ceil(height / reduction), math.ceil(width / reduction)
+
+    def decode(payload: bytes, strict: bool) -> np.ndarray:
+        return simplejpeg.decode_jpeg(
+            payload, "RGBX", min_height=min_h, min_width=min_w, strict=strict
+        )
+
+    try:
+        return decode(data, strict=True), (width, height)
+    except ValueError as error:
+        message = str(error)
+    if "Premature end" in message:
+        try:  # complete image data with only the end-of-image marker missing is repairable
+            return decode(data + JPEG_END, strict=True), (width, height)
+        except ValueError:
+            raise BadImage("truncated JPEG (image data ends early)") from None
+    if any(benign in message for benign in BENIGN_JPEG_WARNINGS):
+        return decode(data, strict=False), (width, height)
+    raise BadImage(f"corrupt JPEG: {message}")
+
+
+def decode_with_pil(data: bytes, max_pixels: int) -> np.ndarray:
+    """RGB pixels of anything Pillow reads (PNG, GIF, BMP, TIFF, WebP, CMYK JPEG); first frame."""
+    with _pillow_bomb_check_off():
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise BadImage("not an image (unrecognised file format)") from None
+        except Exception as error:  # Pillow raises many types on malformed headers
+            raise BadImage(f"cannot read image header: {error}") from None
+    check_pixel_count(image.width, image.height, max_pixels)
+    try:
+        image.load()
+        return to_rgb(image)
+    except Exception as error:  # truncated or corrupt data: OSError, SyntaxError, ValueError...
+        raise BadImage(f"cannot decode {image.format or 'image'}: {error}") from None
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 from any Pillow mode; 16-bit greyscale keeps its high byte."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        grey = (np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.array(image.convert("RGB"))  # a writable copy: torch refuses read-only arrays
+
+
+def check_pixel_count(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise BadImage(
+            f"too large: {width}x{height} = {width * height:,} pixels exceeds the cap of {max_pixels:,}"
+        )
+
+
+def output_geometry(width: int, height: int, size: int, policy: str) -> tuple[int, int, int, int]:
+    """(resized width, resized height, crop left, crop top) for a width x height source."""
+    if policy == "squash":
+        return size, size, 0, 0
+    if width >= height:
+        resized_w, resized_h = max(size, round(width * size / height)), size
+    else:
+        resized_w, resized_h = size, max(size, round(height * size / width))
+    return resized_w, resized_h, (resized_w - size) // 2, (resized_h - size) // 2
+
+
+def resize_square(pixels: np.ndarray, size: int, policy: str, source_wh=None) -> np.ndarray:
+    """Antialiased bicubic resize of (H, W, C) uint8 (C = 3 or 4) to (size, size, 3) RGB.
+
+    ``source_wh`` is the size before any DCT reduction; geometry follows it so that a reduced
+    decode lands on the same output grid as a full one (to the rounding of the reduced size).
+    """
+    height, width = pixels.shape[:2]
+    resized_w, resized_h, left, top = output_geometry(*(source_wh or (width, height)), size, policy)
+    # (1, C, H, W) viewed over HWC memory: the channels-last layout the fast uint8 kernel wants.
+    batch = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+    resized = F.interpolate(batch, size=(resized_h, resized_w), mode="bicubic", antialias=True)
+    window = resized[0, :3, top : top + size, left : left + size]  # (3, size, size), planar
+    return window.permute(1, 2, 0).contiguous().numpy()  # torch interleaves ~1.7x faster than numpy
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    """Re-encode an (S, S, 3) RGB image for ``--encoding jpeg``: 4:2:0, deterministic bytes."""
+    data = simplejpeg.encode_jpeg(image, quality=quality, colorspace="RGB", colorsubsampling="420")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+@contextlib.contextmanager
+def _pillow_bomb_check_off():
+    """Our own ``max_pixels`` cap replaces Pillow's fixed one (which would refuse >179 MP)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved

@@ -1,0 +1,300 @@
+"""``imgprep shard``: scan, plan, run the shard tasks in parallel, then write the manifest.
+
+Resumable by construction. The run's identity (source, options and a hash of the plan) is kept
+in ``OUT/.partial/run.json``; each finished task leaves a record there (see ``prep.build``). A
+rerun of the same command skips every task with a record; a rerun with other options or a
+changed source is refused unless ``overwrite``. The manifest is written last, then the journal
+is removed: a folder with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prep import __version__
+from prep.atomic import TMP_SUFFIX, atomic_write_text
+from prep.build import JOURNAL, build_shard, record_path
+from prep.errors import OutputError, PrepError, ShardFormatError
+from prep.plan import ShardOptions, ShardTask, make_plan, plan_fingerprint
+from prep.shards import MANIFEST, MANIFEST_FORMAT, REJECTS, VERSION, read_manifest, write_manifest
+from prep.sources import SPLITS, Dataset
+
+RUN_FILE = "run.json"
+STATS_FILES = ("stats.json", "stats-mean.npy")  # written by pca-stats; stale once shards change
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    out: Path
+    counts: dict  # split -> images written
+    shards: int
+    rejected: int
+    bytes: int
+    seconds: float
+    resumed: int  # tasks found done from an earlier run
+    already_complete: bool = False
+
+
+def run_shard_job(dataset: Dataset, out, options: ShardOptions, workers: int, overwrite: bool = False,
+                  progress: bool = True) -> ShardSummary:
+    started = time.perf_counter()
+    out = Path(out).expanduser().absolute()
+    tasks = make_plan(dataset, options)
+    identity = {"source": dataset.root, "options": options.as_dict(), "plan_sha256": plan_fingerprint(tasks)}
+    with _locked_output(out):
+        if not overwrite and _complete(out, identity):
+            return _summary(out, read_manifest(out), started, resumed=len(tasks), already_complete=True)
+        _prepare_output(out, identity, overwrite)
+        done = _finished_records(out, tasks)
+        pending = [t for t in tasks if (t.split, t.index) not in done]
+        for record in _execute(pending, dataset, out, options, workers, tasks, progress):
+            done[(record["split"], record["index"])] = record
+        manifest = _finish(out, dataset, tasks, done, identity)
+        return _summary(out, manifest, started, resumed=len(tasks) - len(pending))
+
+
+def _complete(out: Path, identity: dict) -> bool:
+    """True when ``out`` already holds this very run, every shard file present."""
+    if not (out / MANIFEST).is_file():
+        return False
+    try:
+        manifest = read_manifest(out)
+    except ShardFormatError:
+        return False
+    files = [out / e["file"] for s in manifest["splits"].values() for e in s["shards"]]
+    return _same_identity(manifest, identity) and all(f.is_file() for f in files)
+
+
+def _same_identity(existing: dict, identity: dict) -> bool:
+    return all(existing.get(k) == v for k, v in identity.items())
+
+
+@contextlib.contextmanager
+def _locked_output(out: Path):
+    """One writer per output folder: a second concurrent run is refused, not interleaved."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY)
+    except OSError as error:
+        raise OutputError(f"cannot create output folder {out}: {error.strerror or error}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputError(f"another imgprep is writing to {out}; wait for it or choose another --out") from None
+    try:
+        if not os.access(out, os.W_OK):
+            raise OutputError(f"output folder {out} is not writable")
+        yield
+    finally:
+        os.close(fd)
+
+
+def _prepare_output(out: Path, identity: dict, overwrite: bool) -> None:
+    """Refuse to mix runs; clear our own files for --overwrite; drop half-written temporaries."""
+    journal = out / JOURNAL
+    if overwrite:
+        remove_outputs(out)
+    previous = _previous_identity(out)
+    if previous is not None and not _same_identity(previous, identity):
+        raise OutputError(
+            f"{out} holds shards made with other options or from another source; "
+            "use --overwrite to replace them, or choose another --out"
+        )
+    journal.mkdir(exist_ok=True)
+    atomic_write_text(journal / RUN_FILE, json.dumps(identity, indent=2))
+    if (out / MANIFEST).is_file():
+        _journal_from_manifest(out)  # a complete run missing some shard files: rebuild only those
+    for stale in [*out.glob(f"*/*.h5{TMP_SUFFIX}"), *journal.glob(f"*{TMP_SUFFIX}")]:
+        stale.unlink()
+
+
+def _previous_identity(out: Path) -> dict | None:
+    """Identity of what ``out`` holds: None when empty, {} when the shards' origin is unknown."""
+    if (out / JOURNAL / RUN_FILE).is_file():
+        return json.loads((out / JOURNAL / RUN_FILE).read_text())
+    if (out / MANIFEST).is_file():
+        try:
+            return read_manifest(out)
+        except ShardFormatError:
+            return {}
+    if any(any(out.glob(f"{split}/{split}-*.h5")) for split in SPLITS):
+        return {}
+    return None
+
+
+def remove_outputs(out: Path) -> None:
+    """Delete only what imgprep writes in ``out``; anything else there is left alone."""
+    for name in (MANIFEST, REJECTS, *STATS_FILES):
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
+    shutil.rmtree(out / JOURNAL, ignore_errors=True)
+    for split in SPLITS:
+        for shard in out.glob(f"{split}/{split}-[0-9][0-9][0-9][0-9][0-9].h5*"):
+            shard.unlink()
+        with contextlib.suppress(OSError):  # only when empty: a user's own files stay
+            (out / split).rmdir()
+
+
+def _journal_from_manifest(out: Path) -> None:
+    """Turn a complete run's manifest back into task records, for the shards still on disk."""
+    manifest = read_manifest(out)
+    rejects: dict[str, list] = {}
+    for reject in _read_jsonl(out / REJECTS):
+        if reject.get("shard"):
+            rejects.setdefault(reject["shard"], []).append([reject["path"], reject["reason"]])
+    (out / JOURNAL).mkdir(exist_ok=True)
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"]:
+            name = Path(shard["file"]).stem
+            if (out / shard["file"]).is_file():
+                record = {"split": split, "index": int(name.rsplit("-", 1)[1]), **shard,
+                          "rejects": rejects.get(name, [])}
+                atomic_write_text(out / JOURNAL / f"{name}.json", json.dumps(record))
+    (out / MANIFEST).unlink()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _finished_records(out: Path, tasks: list[ShardTask]) -> dict:
+    """Records of tasks already done (and whose shard file is still there)."""
+    done = {}
+    for task in tasks:
+        path = record_path(out, task)
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record["file"] is None or (out / record["file"]).is_file():
+                done[(task.split, task.index)] = record
+    return done
+
+
+# ----------------------------------------------------------------------------- execution
+
+_progress_counter = None  # a shared integer in each worker process: images handled so far
+
+
+def _init_worker(counter) -> None:
+    global _progress_counter
+    _progress_counter = counter
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    import torch
+
+    torch.set_num_threads(1)  # one process per core already; threads would only fight
+
+
+def _count_image() -> None:
+    with _progress_counter.get_lock():
+        _progress_counter.value += 1
+
+
+def _run_task(args) -> dict:
+    task, reader, out, options = args
+    return build_shard(task, reader, out, options, on_image=_count_image)
+
+
+def _execute(pending, dataset, out, options, workers, tasks, progress):
+    """Yield the record of each pending task as it finishes, showing a progress bar."""
+    from tqdm import tqdm
+
+    if not pending:
+        return
+    workers = max(1, min(workers, len(pending)))
+    counter = multiprocessing.Value("q", 0)
+    # The pool forks before tqdm starts its monitor thread: forking a threaded process is unsafe.
+    pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(counter,))
+    total = sum(len(t.items) for t in tasks)
+    bar = tqdm(total=total, initial=total - sum(len(t.items) for t in pending), unit="img",
+               desc="shard", disable=not progress, smoothing=0.1, dynamic_ncols=True)
+    try:
+        results = pool.imap_unordered(_run_task, [(t, dataset.reader, out, options) for t in pending])
+        seen = 0
+        for _ in pending:
+            while True:
+                try:
+                    record = results.next(timeout=0.25)
+                    break
+                except multiprocessing.TimeoutError:
+                    seen = _advance(bar, counter, seen)
+            seen = _advance(bar, counter, seen)
+            yield record
+        pool.close()
+    except KeyboardInterrupt:
+        pool.terminate()
+        bar.close()
+        raise PrepError("interrupted; finished shards are kept: rerun the same command to resume") from None
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+        bar.close()
+
+
+def _advance(bar, counter, seen: int) -> int:
+    now = counter.value
+    bar.update(now - seen)
+    return now
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _finish(out: Path, dataset: Dataset, tasks, done: dict, identity: dict) -> dict:
+    """Write rejects.jsonl and then manifest.json (the commit point); drop the journal."""
+    rejects = [{"split": r.split, "path": r.path, "reason": r.reason} for r in dataset.rejects]
+    splits: dict[str, dict] = {}
+    for task in tasks:
+        record = done[(task.split, task.index)]
+        entry = splits.setdefault(task.split, {"count": 0, "rejected": 0, "shards": []})
+        if record["file"]:
+            entry["shards"].append({"file": record["file"], "count": record["count"], "sha256": record["sha256"]})
+            entry["count"] += record["count"]
+        for path, reason in record["rejects"]:
+            rejects.append({"split": task.split, "path": path, "reason": reason, "shard": task.name})
+    for reject in rejects:
+        splits.setdefault(reject["split"], {"count": 0, "rejected": 0, "shards": []})["rejected"] += 1
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+    atomic_write_text(out / REJECTS, lines)
+    if not any(entry["count"] for entry in splits.values()):
+        shutil.rmtree(out / JOURNAL, ignore_errors=True)
+        raise PrepError(f"no usable images in {dataset.root}: all {len(rejects)} files were rejected "
+                        f"(reasons in {out / REJECTS})")
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": VERSION,
+        "tool": f"imgprep {__version__}",
+        **identity,
+        "classes": [{"index": c.index, "wnid": c.wnid, "name": c.name} for c in dataset.classes],
+        "splits": splits,
+        "rejected": len(rejects),
+    }
+    write_manifest(out, manifest)
+    shutil.rmtree(out / JOURNAL, ignore_errors=True)
+    return manifest
+
+
+def _summary(out: Path, manifest: dict, started: float, resumed: int, already_complete=False) -> ShardSummary:
+    files = [out / e["file"] for s in manifest["splits"].values() for e in s["shards"]]
+    return ShardSummary(
+        out=out,
+        counts={name: s["count"] for name, s in manifest["splits"].items()},
+        shards=len(files),
+        rejected=manifest["rejected"],
+        bytes=sum(f.stat().st_size for f in files),
+        seconds=time.perf_counter() - started,
+        resumed=resumed,
+        already_complete=already_complete,
+    )

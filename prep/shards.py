@@ -1,0 +1,247 @@
+"""The shard format (version 1): writer, manifest, and the checked reader other stages use.
+
+    SHARDS/manifest.json          format, version, options, classes, per split its shards
+    SHARDS/rejects.jsonl          one {"split", "path", "reason"} line per file left out
+    SHARDS/<split>/<split>-NNNNN.h5
+
+Each .h5 holds ``labels`` int16 [n], ``keys`` UTF-8 [n] (source path relative to the source
+root), and pixels as ``images`` uint8 [n, S, S, 3] RGB, one uncompressed chunk per image
+(encoding "raw") or ``jpeg`` variable-length uint8 [n] (encoding "jpeg"); attributes
+``format`` = "imgprep-shard", ``version``, ``split``, ``encoding``, ``size``. No timestamps are
+stored, so the same input gives the same bytes. Readers check format and version once on open.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from prep.atomic import atomic_path, atomic_write_text
+from prep.errors import ShardFormatError
+
+SHARD_FORMAT = "imgprep-shard"  # attribute of every .h5
+MANIFEST_FORMAT = "imgprep-shards"  # "format" of manifest.json
+VERSION = 1
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_shard(path, split: str, size: int, encoding: str, labels, keys, pixels) -> None:
+    """Write one shard atomically. ``pixels``: uint8 [n, S, S, 3] (raw) or n byte arrays (jpeg)."""
+    n = len(labels)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = SHARD_FORMAT
+            f.attrs["version"] = VERSION
+            f.attrs["split"] = split
+            f.attrs["encoding"] = encoding
+            f.attrs["size"] = size
+            # track_times=False: HDF5 would otherwise stamp each dataset with its creation time.
+            f.create_dataset("labels", data=np.asarray(labels, dtype=np.int16), track_times=False)
+            f.create_dataset("keys", data=list(keys), dtype=h5py.string_dtype("utf-8"), track_times=False)
+            if encoding == "raw":
+                # One image per chunk, uncompressed: a chunk is the image's raw bytes at a known
+                # offset, so a reader can memory-map it without going through HDF5.
+                images = f.create_dataset(
+                    "images", shape=(n, size, size, 3), dtype=np.uint8,
+                    chunks=(1, size, size, 3), track_times=False,
+                )
+                images[...] = pixels
+            else:
+                blobs = f.create_dataset("jpeg", shape=(n,), dtype=h5py.vlen_dtype(np.uint8), track_times=False)
+                for i, blob in enumerate(pixels):
+                    blobs[i] = blob
+
+
+def sha256_file(path, on_bytes=None, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
+    return digest.hexdigest()
+
+
+def write_manifest(root, manifest: dict) -> None:
+    atomic_write_text(Path(root) / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_manifest(root) -> dict:
+    """The manifest of a shard folder, after checking it is ours and a version we read."""
+    path = Path(root) / MANIFEST
+    if not Path(root).is_dir():
+        raise ShardFormatError(f"shard folder {root} does not exist (make one with 'imgprep shard SRC')")
+    if not path.is_file():
+        raise ShardFormatError(f"{root} is not a shard folder: it has no {MANIFEST} (make one with 'imgprep shard SRC')")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ShardFormatError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ShardFormatError(f"{path} is not an imgprep manifest (format is not '{MANIFEST_FORMAT}')")
+    if manifest.get("version") != VERSION:
+        raise ShardFormatError(
+            f"{path} has format version {manifest.get('version')}; this imgprep reads version {VERSION}"
+        )
+    return manifest
+
+
+def read_rejects(root) -> list[dict]:
+    path = Path(root) / REJECTS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def open_shards(root) -> "ShardSet":
+    """Open a shard folder made by ``imgprep shard`` (checks format and version)."""
+    return ShardSet(root)
+
+
+class ShardSet:
+    """A shard folder: its manifest, classes and one reader per split."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        self.options: dict = self.manifest["options"]
+        self.size: int = self.options["size"]
+        self.encoding: str = self.options["encoding"]
+        self.classes: list[dict] = self.manifest["classes"]  # [{index, wnid, name}] in index order
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    def split(self, name: str) -> "SplitReader":
+        if name not in self.manifest["splits"]:
+            raise ShardFormatError(f"{self.root} has no split '{name}' (it has: {', '.join(self.splits)})")
+        return SplitReader(self, name)
+
+
+class SplitReader:
+    """All images of one split by global index: ``reader[i] -> (image HWC uint8, label)``.
+
+    Files open lazily and reopen after a fork, so a reader may be handed to worker processes.
+    """
+
+    def __init__(self, shard_set: ShardSet, split: str):
+        self.root = shard_set.root
+        self.split = split
+        self.size = shard_set.size
+        self.encoding = shard_set.encoding
+        entries = shard_set.manifest["splits"][split]["shards"]
+        self.files = [entry["file"] for entry in entries]
+        self.starts = np.concatenate([[0], np.cumsum([e["count"] for e in entries])]).tolist()
+        self._open: dict[int, ShardFile] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(file number, index within that file) of global ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for split '{self.split}' of {len(self)} images")
+        file_no = bisect.bisect_right(self.starts, index) - 1
+        return file_no, index - self.starts[file_no]
+
+    def shard_file(self, file_no: int) -> "ShardFile":
+        if os.getpid() != self._pid:  # a forked child must not share HDF5 handles
+            self._open, self._pid = {}, os.getpid()
+        if file_no not in self._open:
+            self._open[file_no] = ShardFile(self.root / self.files[file_no], self.split, self.encoding, self.size)
+        return self._open[file_no]
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        file_no, local = self.locate(index)
+        shard = self.shard_file(file_no)
+        return shard.image(local), int(shard.labels[local])
+
+    def key(self, index: int) -> str:
+        file_no, local = self.locate(index)
+        return self.shard_file(file_no).key(local)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Labels of the whole split, int64 [n], in index order."""
+        if not self.files:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([self.shard_file(i).labels for i in range(len(self.files))]).astype(np.int64)
+
+    def close(self) -> None:
+        for shard in self._open.values():
+            shard.close()
+        self._open = {}
+
+
+class ShardFile:
+    """One .h5 shard, checked on open. Raw images are read through a memory map of the file."""
+
+    def __init__(self, path: Path, split: str, encoding: str, size: int):
+        self.path = path
+        try:
+            self.h5 = h5py.File(path, "r")
+        except FileNotFoundError:
+            raise ShardFormatError(f"shard {path} is missing (run 'imgprep verify' on the folder)") from None
+        except OSError as error:
+            raise ShardFormatError(f"shard {path} cannot be opened as HDF5: {error}") from None
+        expected = {"format": SHARD_FORMAT, "version": VERSION, "split": split, "encoding": encoding, "size": size}
+        for name, value in expected.items():
+            found = self.h5.attrs.get(name)
+            found = found.item() if isinstance(found, np.generic) else found
+            if found != value:
+                self.h5.close()
+                raise ShardFormatError(f"shard {path} has {name}={found!r} where the manifest says {value!r}")
+        self.labels = self.h5["labels"][:]
+        self.size = size
+        self.encoding = encoding
+        if encoding == "raw":
+            self.offsets = raw_chunk_offsets(self.h5["images"], path)
+            self.map = np.memmap(path, dtype=np.uint8, mode="r")
+        else:
+            self.blobs = self.h5["jpeg"]
+
+    def image(self, local: int) -> np.ndarray:
+        if self.encoding == "raw":
+            start = self.offsets[local]
+            nbytes = self.size * self.size * 3
+            return np.array(self.map[start : start + nbytes]).reshape(self.size, self.size, 3)
+        import simplejpeg
+
+        return simplejpeg.decode_jpeg(self.blobs[local].tobytes(), "RGB")
+
+    def key(self, local: int) -> str:
+        return self.h5["keys"][local].decode("utf-8")
+
+    def close(self) -> None:
+        self.h5.close()
+
+
+def raw_chunk_offsets(images: h5py.Dataset, path) -> np.ndarray:
+    """Byte offset in the file of each image's chunk (uncompressed, one image per chunk)."""
+    n, size = images.shape[0], images.shape[1]
+    offsets = np.full(n, -1, dtype=np.int64)
+
+    def record(info):
+        if info.filter_mask != 0 or info.size != size * size * 3:
+            raise ShardFormatError(f"shard {path} stores images compressed or in foreign chunks")
+        offsets[info.chunk_offset[0]] = info.byte_offset
+
+    images.id.chunk_iter(record)
+    if (offsets < 0).any():
+        raise ShardFormatError(f"shard {path} is incomplete: {int((offsets < 0).sum())} images have no data")
+    return offsets

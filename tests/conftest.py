@@ -1,0 +1,61 @@
+"""Shared fixtures: a generated ImageNet-shaped tree, helpers to run the CLI and compare images."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from tools.fake_imagenet import make_fake_imagenet
+
+
+@pytest.fixture(scope="session")
+def fake_src(tmp_path_factory):
+    """4 classes x (12 train + 4 val) JPEGs, plus every awkward file in train/n01440764."""
+    return make_fake_imagenet(tmp_path_factory.mktemp("fake") / "src", large_fraction=0.1)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, fake_src):
+    """fake_src sharded once with small shards (several per split)."""
+    out = tmp_path_factory.mktemp("shards") / "out"
+    result = run_cli(["shard", str(fake_src), "--out", str(out), "--shard-size", "16", "--workers", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture
+def fresh_copy(tmp_path, shards):
+    """A private copy of the session's shards, free to damage."""
+    target = tmp_path / "copy"
+    shutil.copytree(shards, target)
+    return target
+
+
+def run_cli(args):
+    from prep.cli import main
+
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def pil_reference(data: bytes, size: int = 256, policy: str = "crop") -> np.ndarray:
+    """Independent reference: Pillow full decode, antialiased Lanczos resize, central crop."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    width, height = image.size
+    if policy == "squash":
+        return np.asarray(image.resize((size, size), Image.LANCZOS))
+    if width >= height:
+        new_w, new_h = round(width * size / height), size
+    else:
+        new_w, new_h = size, round(height * size / width)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(image.resize((new_w, new_h), Image.LANCZOS).crop((left, top, left + size, top + size)))

@@ -1,0 +1,1 @@
+"""Benchmarks, the synthetic ImageNet generator and other tools around imgprep."""

@@ -1,0 +1,185 @@
+"""Benchmark: ``imgprep shard`` against a straightforward PIL path, on the same files, in one run.
+
+    python -m tools.bench_shard                      # 400-file corpus in bench/corpus, workers 1 and 2
+    python -m tools.bench_shard --images 1000 --workers 1,2,4 --markdown bench/shard.md
+
+Two measurements:
+1. Pixels per core (one process, one thread, files already in memory): decode, resize to a
+   shorter side of 256 and centre crop. Baseline: Pillow full decode + bilinear resize (what a
+   straightforward script does). Ours: ``prep.decode.decode_resize``. Quality of each is the
+   PSNR against Pillow full decode + antialiased Lanczos, on the same crop geometry.
+2. The whole ``imgprep shard`` job (read files, decode, resize, write raw HDF5 shards, hash)
+   with 1..N worker processes, against the same job on 1 worker.
+Needs ``pip install '.[bench]'`` for the photographs the corpus is made from.
+"""
+
+from __future__ import annotations
+
+import io
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+from PIL import Image
+
+from tools.photo_corpus import corpus_files, make_corpus
+
+SIZE = 256
+
+
+def crop_box(width: int, height: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """(resized size, crop box) for shorter side SIZE and a central SIZE x SIZE window."""
+    if width >= height:
+        resized = (round(width * SIZE / height), SIZE)
+    else:
+        resized = (SIZE, round(height * SIZE / width))
+    left, top = (resized[0] - SIZE) // 2, (resized[1] - SIZE) // 2
+    return resized, (left, top, left + SIZE, top + SIZE)
+
+
+def pil_baseline(data: bytes) -> np.ndarray:
+    """The straightforward path: Pillow full decode, bilinear shorter-side resize, centre crop."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    resized, box = crop_box(*image.size)
+    return np.asarray(image.resize(resized, Image.BILINEAR).crop(box))
+
+
+def lanczos_reference(data: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    resized, box = crop_box(*image.size)
+    return np.asarray(image.resize(resized, Image.LANCZOS).crop(box))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
+
+
+def best_seconds(function, datas, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for data in datas:
+            function(data)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def pixel_rows(datas, large, repeats):
+    """Rows (name, img/s, ratio, psnr mean, psnr min, img/s ordinary, img/s large) for both paths."""
+    import torch
+
+    from prep.decode import decode_resize
+
+    torch.set_num_threads(1)
+    ours = lambda data: decode_resize(data, SIZE, "crop", 100_000_000)  # noqa: E731
+    references = [lanczos_reference(d) for d in datas]
+    small_set = [d for d, big in zip(datas, large) if not big]
+    large_set = [d for d, big in zip(datas, large) if big]
+    rows = []
+    for name, function in (("Pillow: full decode + bilinear", pil_baseline), ("imgprep decode_resize", ours)):
+        seconds = best_seconds(function, datas, repeats)
+        scores = [psnr(function(d), r) for d, r in zip(datas, references)]
+        rows.append([name, len(datas) / seconds, None, np.mean(scores), np.min(scores),
+                     len(small_set) / best_seconds(function, small_set, repeats),
+                     len(large_set) / best_seconds(function, large_set, repeats) if large_set else float("nan")])
+    for row in rows:
+        row[2] = row[1] / rows[0][1]
+    return rows
+
+
+def replicated_tree(corpus: Path, copies: int) -> Path:
+    """A temporary tree holding ``copies`` symlinked copies of the corpus, so that the job runs
+    long enough for process start-up (about 1.5 s of importing torch) not to dominate."""
+    root = Path(tempfile.mkdtemp(prefix="bench-tree-"))
+    for copy in range(copies):
+        for path in corpus_files(corpus):
+            link = root / "train" / f"{path.parent.name}-{copy}" / path.name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path.resolve())
+    return root
+
+
+def job_rows(corpus: Path, workers: list[int], shard_size: int, copies: int):
+    """Rows (workers, img/s, speed-up over 1 worker, efficiency) of the whole shard job, raw output."""
+    from prep.job import run_shard_job
+    from prep.plan import ShardOptions
+    from prep.sources import scan_tree
+
+    tree = replicated_tree(corpus, copies)
+    dataset = scan_tree(tree)
+    rows = []
+    try:
+        for n in workers:
+            out = Path(tempfile.mkdtemp(prefix="bench-shard-"))
+            try:
+                summary = run_shard_job(dataset, out, ShardOptions(shard_size=shard_size), n, progress=False)
+                rows.append([n, sum(summary.counts.values()) / summary.seconds])
+            finally:
+                shutil.rmtree(out)
+    finally:
+        shutil.rmtree(tree)
+    base = next((r[1] for r in rows if r[0] == 1), rows[0][1] / rows[0][0])
+    return [[n, rate, rate / base, rate / base / n] for n, rate in rows]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    import simplejpeg
+    import torch
+
+    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}, "
+            f"Pillow {Image.__version__}, simplejpeg {simplejpeg.__version__}, torch {torch.__version__}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--corpus", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/corpus"),
+              show_default=True, help="Corpus folder; generated there when empty.")
+@click.option("--images", default=400, show_default=True, help="Files in a generated corpus.")
+@click.option("--workers", default="1,2", show_default=True, help="Worker counts for the job rows.")
+@click.option("--shard-size", default=64, show_default=True, help="Files per shard in the job rows.")
+@click.option("--job-copies", default=4, show_default=True, help="Copies of the corpus the job rows shard.")
+@click.option("--repeats", default=3, show_default=True, help="Timed passes over the files; the best counts.")
+@click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), help="Also write the tables here.")
+def main(corpus, images, workers, shard_size, job_copies, repeats, markdown):
+    """Measure imgprep's shard path against Pillow, per core and across workers."""
+    if not corpus_files(corpus):
+        click.echo(f"generating a {images}-file corpus in {corpus} ...")
+        make_corpus(corpus, images)
+    files = corpus_files(corpus)
+    datas = [f.read_bytes() for f in files]
+    large = [max(Image.open(io.BytesIO(d)).size) >= 1000 for d in datas]
+    click.echo(f"{len(files)} files ({sum(large)} large), {sum(map(len, datas)) / 2**20:.1f} MiB; {machine()}")
+
+    lines = ["| path (1 process, 1 thread) | img/s | vs Pillow | PSNR mean dB | PSNR min dB | img/s ordinary | img/s large |",
+             "|---|---|---|---|---|---|---|"]
+    pixels = pixel_rows(datas, large, repeats)
+    for name, rate, ratio, mean, low, small_rate, large_rate in pixels:
+        lines.append(f"| {name} | {rate:.0f} | {ratio:.2f}x | {mean:.2f} | {low:.2f} | {small_rate:.0f} | {large_rate:.0f} |")
+    lines += ["", f"| `imgprep shard` workers ({job_copies} x {len(files)} files, raw) | img/s | vs 1 worker "
+              "| per-worker efficiency | per worker vs Pillow pixels only |", "|---|---|---|---|---|"]
+    job = job_rows(corpus, [int(w) for w in workers.split(",")], shard_size, job_copies)
+    for n, rate, speedup, efficiency in job:
+        lines.append(f"| {n} | {rate:.0f} | {speedup:.2f}x | {efficiency:.0%} | {rate / n / pixels[0][1]:.2f}x |")
+    table = "\n".join(lines)
+    click.echo("\n" + table)
+    if markdown:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(f"machine: {machine()}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
