@@ -123,6 +123,44 @@ def shard(src, out, size, policy, encoding, quality, shard_size, seed, max_pixel
         click.echo(f"rejected {summary.rejected:,} files: reasons in {summary.out / 'rejects.jsonl'}")
 
 
+@main.command("pca-stats")
+@shards_argument
+@click.option("--split", default="train", show_default=True, help="Split to measure.")
+@click.option("--workers", default=None, type=int, help="Processes.  [default: all cores]")
+@click.option("--sample", default=None, type=click.IntRange(min=1),
+              help="Use a seeded random subset of N images.  [default: all]")
+@click.option("--seed", default=0, show_default=True, help="Seed of --sample.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@report_errors
+def pca_stats(shards, split, workers, sample, seed, quiet):
+    """Exact RGB mean, std, mean image and covariance eigen-decomposition of a split.
+
+    Writes SHARDS/stats.json and SHARDS/stats-mean.npy (the S x S x 3 float64 mean image),
+    all on the 0-255 scale. Every pixel counts, summed as integers, so the result does not
+    depend on --workers. stats.json records the sha256 of manifest.json, so readers notice
+    when the shards have changed since. SHARDS defaults to $IMGPREP_SHARDS, else ./shards.
+    """
+    from prep.stats import compute_stats
+
+    root = resolve_shards(shards)
+    workers = workers or available_cores()
+    click.echo(f"imgprep pca-stats {root}  (split={split} workers={workers} "
+               f"sample={sample or 'all'} seed={seed})")
+    stats = compute_stats(root, split, workers, sample, seed, progress=not quiet)
+    rows = [("mean 0-255", stats["mean"], 1), ("mean 0-1", stats["mean"], 255),
+            ("std 0-255", stats["std"], 1), ("std 0-1", stats["std"], 255)]
+    click.echo(f"\n{'':12}{'R':>10}{'G':>10}{'B':>10}")
+    for name, values, divisor in rows:
+        click.echo(f"{name:12}" + "".join(f"{v / divisor:>10.4f}" for v in values))
+    click.echo("\neigenvalues  0-255 scale: " + "  ".join(f"{v:.4f}" for v in stats["eigval"])
+               + "\n             0-1 scale:   " + "  ".join(f"{v / 255**2:.6f}" for v in stats["eigval"]))
+    click.echo("eigenvectors (column i belongs to eigenvalue i):")
+    for row in stats["eigvec"]:
+        click.echo("             " + "".join(f"{v:>10.4f}" for v in row))
+    click.echo(f"\n{stats['images']:,} images, {stats['pixels']:,} pixels in {stats['seconds']:.1f} s; "
+               f"wrote {root / 'stats.json'} and {root / stats['mean_image']}")
+
+
 @main.command()
 @shards_argument
 @report_errors

@@ -25,11 +25,11 @@ from prep.atomic import TMP_SUFFIX, atomic_write_text
 from prep.build import JOURNAL, build_shard, record_path
 from prep.errors import OutputError, PrepError, ShardFormatError
 from prep.plan import ShardOptions, ShardTask, make_plan, plan_fingerprint
-from prep.shards import MANIFEST, MANIFEST_FORMAT, REJECTS, VERSION, read_manifest, write_manifest
+from prep.shards import (MANIFEST, MANIFEST_FORMAT, MEAN_IMAGE, REJECTS, STATS, VERSION, read_manifest,
+                         write_manifest)
 from prep.sources import SPLITS, Dataset
 
 RUN_FILE = "run.json"
-STATS_FILES = ("stats.json", "stats-mean.npy")  # written by pca-stats; stale once shards change
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _previous_identity(out: Path) -> dict | None:
 
 def remove_outputs(out: Path) -> None:
     """Delete only what imgprep writes in ``out``; anything else there is left alone."""
-    for name in (MANIFEST, REJECTS, *STATS_FILES):
+    for name in (MANIFEST, REJECTS, STATS, MEAN_IMAGE):
         with contextlib.suppress(FileNotFoundError):
             (out / name).unlink()
     shutil.rmtree(out / JOURNAL, ignore_errors=True)

@@ -30,6 +30,8 @@ MANIFEST_FORMAT = "imgprep-shards"  # "format" of manifest.json
 VERSION = 1
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
+STATS = "stats.json"  # written by imgprep pca-stats (prep.stats)
+MEAN_IMAGE = "stats-mean.npy"  # float64 [S, S, 3], named by stats.json
 
 
 # ----------------------------------------------------------------------------- writing
@@ -212,6 +214,9 @@ class ShardFile:
         if encoding == "raw":
             self.offsets = raw_chunk_offsets(self.h5["images"], path)
             self.map = np.memmap(path, dtype=np.uint8, mode="r")
+            if len(self.offsets) and self.offsets.max() + size * size * 3 > len(self.map):
+                self.h5.close()
+                raise ShardFormatError(f"shard {path} is truncated: its images run past the end of the file")
         else:
             self.blobs = self.h5["jpeg"]
 
