@@ -25,6 +25,8 @@ test: $(VENV)/.ready
 bench: $(VENV)/.ready
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m tools.bench_shard
+	$(BIN)/python -m tools.bench_stats
+	$(BIN)/python -m tools.bench_loader
 
 $(VENV)/.ready: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

@@ -163,6 +163,30 @@ def pca_stats(shards, split, workers, sample, seed, quiet):
 
 @main.command()
 @shards_argument
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("preview.png"),
+              show_default=True, help="PNG file to write.")
+@click.option("--split", default="train", show_default=True, help="Split to draw images from.")
+@click.option("--images", default=6, show_default=True, help="Rows: images drawn at random (seeded).")
+@click.option("--versions", default=5, show_default=True, help="Augmented versions of each image.")
+@click.option("--lighting", default=0.1, show_default=True,
+              help="Std of the PCA-lighting alpha (the paper's 0.1 is subtle; try 1 to see its direction).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the images and of their augmentation.")
+@report_errors
+def preview(shards, out, split, images, versions, lighting, seed):
+    """Draw shard images beside augmented training versions of each, as a PNG grid.
+
+    Each row: the image as stored (256 x 256), then VERSIONS views of it as the training loader
+    makes them (random 224 window, mirror, PCA lighting; shown before normalisation).
+    SHARDS defaults to $IMGPREP_SHARDS, else ./shards.
+    """
+    from augment.preview import make_preview
+
+    path = make_preview(resolve_shards(shards), out, split, images, versions, lighting, seed)
+    click.echo(f"wrote {path} ({images} images x {versions} augmented versions)")
+
+
+@main.command()
+@shards_argument
 @report_errors
 def info(shards):
     """Show what a shard folder holds: splits, counts, classes, size on disk, options, rejects.

@@ -173,6 +173,13 @@ class SplitReader:
         shard = self.shard_file(file_no)
         return shard.image(local), int(shard.labels[local])
 
+    def stored(self, index: int) -> tuple[np.ndarray, int]:
+        """(image as stored, label) without decoding or copying: for raw shards a read-only
+        [S, S, 3] view into the file, for jpeg shards the encoded bytes (uint8 [k])."""
+        file_no, local = self.locate(index)
+        shard = self.shard_file(file_no)
+        return shard.stored(local), int(shard.labels[local])
+
     def key(self, index: int) -> str:
         file_no, local = self.locate(index)
         return self.shard_file(file_no).key(local)
@@ -220,11 +227,16 @@ class ShardFile:
         else:
             self.blobs = self.h5["jpeg"]
 
-    def image(self, local: int) -> np.ndarray:
+    def stored(self, local: int) -> np.ndarray:
         if self.encoding == "raw":
             start = self.offsets[local]
-            nbytes = self.size * self.size * 3
-            return np.array(self.map[start : start + nbytes]).reshape(self.size, self.size, 3)
+            return self.map[start : start + self.size * self.size * 3].reshape(self.size, self.size, 3)
+        return self.blobs[local]
+
+    def image(self, local: int) -> np.ndarray:
+        """Decoded RGB uint8 [S, S, 3], a private copy."""
+        if self.encoding == "raw":
+            return np.array(self.stored(local))
         import simplejpeg
 
         return simplejpeg.decode_jpeg(self.blobs[local].tobytes(), "RGB")

@@ -19,7 +19,7 @@ is positive (the first, on a tie). The PCA-lighting eigenvalues of the paper's c
 (pixels on a 0-1 scale, as fb.resnet.torch's 0.2175, 0.0188, 0.0045) are eigval / 255^2.
 
 Exactness: s, Q and m are accumulated as integers by a compiled single pass over the pixels
-(numba), partial sums from the workers are added as integers, and each statistic is rounded
+(``prep.pixelsums``, numba), partial sums from the workers are added as integers, and each statistic is rounded
 to float64 once at the end (cov from exact fractions). The result does not depend on the
 number of workers or on the order of the shards.
 """
@@ -34,7 +34,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-from numba import njit
 
 from prep.atomic import atomic_path, atomic_write_text
 from prep.errors import PrepError, ShardFormatError
@@ -48,40 +47,10 @@ class StaleStatsError(PrepError):
     """stats.json belongs to other shards than the ones it sits next to."""
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
-def accumulate(buffer, offsets, nbytes, position_sums, moments):  # pragma: no cover - compiled
-    """Add the images at ``buffer[offset : offset + nbytes]`` (HWC uint8) to the running sums.
-
-    position_sums: uint32 [nbytes] per-position sum; moments: uint64 [6] = RR GG BB RG RB GB.
-    Written as one pixel loop per image slice with local sums, which LLVM vectorises (~30 us
-    an image; the same loop over absolute indices runs 8x slower).
-    """
-    for offset in offsets:
-        image = buffer[offset : offset + nbytes]
-        rr = gg = bb = rg = rb = gb = np.uint64(0)
-        for p in range(nbytes // 3):
-            r = np.uint32(image[3 * p])
-            g = np.uint32(image[3 * p + 1])
-            b = np.uint32(image[3 * p + 2])
-            position_sums[3 * p] += r
-            position_sums[3 * p + 1] += g
-            position_sums[3 * p + 2] += b
-            rr += r * r
-            gg += g * g
-            bb += b * b
-            rg += r * g
-            rb += r * b
-            gb += g * b
-        moments[0] += rr
-        moments[1] += gg
-        moments[2] += bb
-        moments[3] += rg
-        moments[4] += rb
-        moments[5] += gb
-
-
 def shard_sums(path: Path, split: str, encoding: str, size: int, indices=None) -> tuple[int, np.ndarray, list[int]]:
     """(images, per-position sums int64 [S, S, 3], moments [RR, GG, BB, RG, RB, GB]) of one shard."""
+    from prep.pixelsums import accumulate
+
     shard = ShardFile(path, split, encoding, size)
     nbytes = size * size * 3
     chosen = np.arange(len(shard.labels)) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -165,6 +134,8 @@ def compute_stats(root, split: str = "train", workers: int = 1, sample: int | No
     subsets = sample_indices(counts, sample, seed)
     tasks = [(root / f, split, shard_set.encoding, shard_set.size, sub)
              for f, sub in zip(reader.files, subsets) if sub is None or len(sub)]
+    from prep.pixelsums import accumulate
+
     warm_up = np.zeros(3, np.uint8)
     warm_up.flags.writeable = False  # the signature raw shards (read-only memory maps) use
     accumulate(warm_up, np.zeros(1, np.int64), 3, np.zeros(3, np.uint32), np.zeros(6, np.uint64))

@@ -59,3 +59,14 @@ def pil_reference(data: bytes, size: int = 256, policy: str = "crop") -> np.ndar
         new_w, new_h = size, round(height * size / width)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return np.asarray(image.resize((new_w, new_h), Image.LANCZOS).crop((left, top, left + size, top + size)))
+
+
+@pytest.fixture(scope="session")
+def stats_shards(tmp_path_factory, shards):
+    """The session's shards plus stats.json (for lighting and normalisation)."""
+    from prep.stats import compute_stats
+
+    target = tmp_path_factory.mktemp("stats") / "shards"
+    shutil.copytree(shards, target)
+    compute_stats(target, workers=2, progress=False)
+    return target

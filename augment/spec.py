@@ -1,0 +1,51 @@
+"""What the online stage does to each image: ``AugmentSpec``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODES = ("train", "val", "test10")
+NORMALIZE = ("channel", "mean-image", "none")
+DTYPES = ("float32", "float16")
+LAYOUTS = ("NCHW", "NHWC")
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """The augmentation recipe; the defaults are the paper's training recipe.
+
+    mode "train": a uniformly random ``crop`` x ``crop`` window of the S x S shard image,
+    mirrored with probability ``flip``, plus PCA lighting. "val": the central window.
+    "test10": the paper's ten crops, [B, 10, ...]: top-left, top-right, bottom-left,
+    bottom-right, centre, then the mirror images of those five in the same order.
+    """
+
+    mode: str = "train"
+    crop: int = 224  # output side in pixels
+    flip: float = 0.5  # probability of a horizontal mirror (train only)
+    lighting: float = 0.1  # std of the PCA-lighting alpha; 0 turns lighting off (train only)
+    normalize: str = "channel"  # "channel": (x - mean) / std per channel; "mean-image": x - mean image
+    #                             (the paper; no division); "none": 0-255 values, to inspect the maths
+    dtype: str = "float32"  # output element type
+    layout: str = "NCHW"  # output layout of each image
+
+    def __post_init__(self):
+        for name, value, allowed in (("mode", self.mode, MODES), ("normalize", self.normalize, NORMALIZE),
+                                     ("dtype", self.dtype, DTYPES), ("layout", self.layout, LAYOUTS)):
+            if value not in allowed:
+                raise ValueError(f"AugmentSpec {name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.crop < 1:
+            raise ValueError(f"AugmentSpec crop must be positive, got {self.crop}")
+        if not 0 <= self.flip <= 1:
+            raise ValueError(f"AugmentSpec flip is a probability, got {self.flip}")
+        if self.lighting < 0:
+            raise ValueError(f"AugmentSpec lighting is a standard deviation, got {self.lighting}")
+
+    @property
+    def random(self) -> bool:
+        """Whether each sample draws its own crop, mirror and lighting."""
+        return self.mode == "train"
+
+    @property
+    def uses_lighting(self) -> bool:
+        return self.random and self.lighting > 0

@@ -1,0 +1,36 @@
+"""The compiled inner loop of ``imgprep pca-stats`` (kept apart: importing numba takes time)."""
+
+import numpy as np
+from numba import njit
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def accumulate(buffer, offsets, nbytes, position_sums, moments):  # pragma: no cover - compiled
+    """Add the images at ``buffer[offset : offset + nbytes]`` (HWC uint8) to the running sums.
+
+    position_sums: uint32 [nbytes] per-position sum; moments: uint64 [6] = RR GG BB RG RB GB.
+    Written as one pixel loop per image slice with local sums, which LLVM vectorises (~30 us
+    an image; the same loop over absolute indices runs 8x slower).
+    """
+    for offset in offsets:
+        image = buffer[offset : offset + nbytes]
+        rr = gg = bb = rg = rb = gb = np.uint64(0)
+        for p in range(nbytes // 3):
+            r = np.uint32(image[3 * p])
+            g = np.uint32(image[3 * p + 1])
+            b = np.uint32(image[3 * p + 2])
+            position_sums[3 * p] += r
+            position_sums[3 * p + 1] += g
+            position_sums[3 * p + 2] += b
+            rr += r * r
+            gg += g * g
+            bb += b * b
+            rg += r * g
+            rb += r * b
+            gb += g * b
+        moments[0] += rr
+        moments[1] += gg
+        moments[2] += bb
+        moments[3] += rg
+        moments[4] += rb
+        moments[5] += gb

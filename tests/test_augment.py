@@ -1,0 +1,288 @@
+"""augment: the maths against numpy, DALI against the torch reference, epochs across ranks,
+resume, and the error cases."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from augment import AugmentSpec, Loader
+from augment.colour import colour_stats, lighting_offsets
+from augment.errors import AugmentError
+from augment.loader import dali_available
+from augment.params import sample_params
+from augment.sampler import batches_per_epoch, rank_samples
+from augment.torch_ops import augment_batch, ten_crop_batch
+from prep.errors import ShardFormatError
+from prep.shards import open_shards
+from prep.stats import StaleStatsError, load_stats
+
+needs_dali = pytest.mark.skipif(not dali_available(), reason="DALI is not installed")
+BACKENDS = [pytest.param("dali", marks=needs_dali), "torch"]
+
+
+def collect(loader, epoch=0):
+    loader.set_epoch(epoch)
+    return [(images.clone(), labels.clone()) for images, labels in loader]
+
+
+def numpy_reference(images, params, colour, spec):
+    """crop, mirror, lighting, normalise written out in numpy, HWC float64."""
+    stats_p = np.array(colour.eigvec)
+    lam01 = np.array(colour.eigval) / 255.0**2  # eigenvalues for pixels on [0, 1]
+    out = []
+    for b, image in enumerate(images):
+        x, y = params.x[b], params.y[b]
+        window = image[y : y + spec.crop, x : x + spec.crop].astype(np.float64)
+        if params.mirror[b]:
+            window = window[:, ::-1]
+        window = window + 255.0 * stats_p @ (params.alpha[b] * lam01)
+        if spec.normalize == "channel":
+            window = (window - colour.mean) / colour.std
+        elif spec.normalize == "mean-image":
+            mean = colour.mean_image[y : y + spec.crop, x : x + spec.crop]
+            window = window - (mean[:, ::-1] if params.mirror[b] else mean)
+        out.append(window)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("normalize", ["channel", "mean-image", "none"])
+def test_torch_reference_matches_numpy(stats_shards, normalize):
+    spec = AugmentSpec(normalize=normalize, layout="NHWC")
+    colour = colour_stats(stats_shards, spec)
+    reader = open_shards(stats_shards).split("train")
+    images = np.stack([reader[i][0] for i in range(12)])
+    params = sample_params(spec, 256, seed=5, epoch=1, indices=np.arange(12))
+    assert params.mirror.any() and not params.mirror.all() and np.abs(params.alpha).max() > 0
+    got = augment_batch(torch.from_numpy(images), params, spec, colour).numpy()
+    np.testing.assert_allclose(got, numpy_reference(images, params, colour, spec), rtol=1e-5, atol=1e-4)
+
+
+def test_crop_positions_cover_every_offset_and_flips_are_fair():
+    spec = AugmentSpec()
+    params = sample_params(spec, 256, seed=0, epoch=0, indices=np.arange(20000))
+    assert set(params.x.tolist()) == set(range(33)) and set(params.y.tolist()) == set(range(33))
+    # 20000 fair coin flips: the share of heads is within 4 standard deviations (0.0141) of 1/2.
+    assert abs(params.mirror.mean() - 0.5) < 4 * 0.5 / np.sqrt(20000)
+    other_epoch = sample_params(spec, 256, seed=0, epoch=1, indices=np.arange(20000))
+    assert (params.x != other_epoch.x).mean() > 0.9
+
+
+def test_lighting_offset_covariance_is_the_papers(stats_shards):
+    # offset (pixels on [0, 1]) = P (alpha * lambda), alpha ~ N(0, 0.1^2 I)
+    #   => Cov(offset) = P diag((0.1 lambda)^2) P^T
+    spec = AugmentSpec()
+    colour = colour_stats(stats_shards, spec)
+    n = 40000
+    alpha = sample_params(spec, 256, seed=1, epoch=0, indices=np.arange(n)).alpha
+    np.testing.assert_allclose(alpha.std(axis=0), 0.1, rtol=0.03)
+    offsets01 = lighting_offsets(alpha, colour) / 255.0
+    lam = np.array(colour.eigval) / 255.0**2
+    expected = colour.eigvec @ np.diag((0.1 * lam) ** 2) @ colour.eigvec.T
+    empirical = np.cov(offsets01.T)
+    # Sampling error of a covariance entry is about sqrt(2 / n) ~ 0.7% of the largest variance.
+    np.testing.assert_allclose(empirical, expected, atol=0.04 * expected.max())
+
+
+def test_ten_crop_geometry_against_numpy_slicing(stats_shards):
+    spec = AugmentSpec(mode="test10", normalize="none", layout="NHWC")
+    colour = colour_stats(stats_shards, spec)
+    reader = open_shards(stats_shards).split("val")
+    images = np.stack([reader[i][0] for i in range(3)])
+    views = ten_crop_batch(torch.from_numpy(images), spec, colour).numpy()
+    assert views.shape == (3, 10, 224, 224, 3)
+    corners = [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]  # (x, y): TL, TR, BL, BR, centre
+    for b in range(3):
+        for k, (x, y) in enumerate(corners):
+            window = images[b, y : y + 224, x : x + 224]
+            assert (views[b, k] == window).all()
+            assert (views[b, 5 + k] == window[:, ::-1]).all()
+
+
+@needs_dali
+@pytest.mark.parametrize("mode,normalize,dtype,layout", [
+    ("train", "channel", "float32", "NCHW"), ("train", "mean-image", "float32", "NHWC"),
+    ("train", "none", "float16", "NCHW"), ("val", "channel", "float32", "NCHW"),
+    ("test10", "channel", "float32", "NCHW"),
+])
+def test_dali_matches_torch(stats_shards, mode, normalize, dtype, layout):
+    spec = AugmentSpec(mode=mode, normalize=normalize, dtype=dtype, layout=layout)
+    split = "train" if mode == "train" else "val"
+    results = {}
+    for backend in ("dali", "torch"):
+        loader = Loader(stats_shards, split, batch_size=8, spec=spec, backend=backend, device="cpu", workers=1, seed=7)
+        results[backend] = collect(loader, epoch=3)
+        loader.close()
+    assert len(results["dali"]) == len(results["torch"]) > 0
+    tolerance = 2e-3 if dtype == "float16" else 1e-4
+    for (a, la), (b, lb) in zip(results["dali"], results["torch"]):
+        assert torch.equal(la, lb) and a.dtype == b.dtype == getattr(torch, dtype)
+        torch.testing.assert_close(a.float(), b.float(), rtol=tolerance, atol=tolerance * 64)
+
+
+@needs_dali
+def test_dali_jpeg_shards_decode_on_cpu(fake_src, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "jpeg"
+    run_cli(["shard", str(fake_src), "--out", str(out), "--encoding", "jpeg", "--quiet"])
+    spec = AugmentSpec(mode="val", normalize="none", layout="NHWC")
+    batches = {b: collect(Loader(out, "val", 4, spec, backend=b, device="cpu", workers=1)) for b in ("dali", "torch")}
+    for (a, la), (b, lb) in zip(batches["dali"], batches["torch"]):
+        assert torch.equal(la, lb)
+        assert (a - b).abs().mean() < 1.0  # libjpeg-turbo in both; DALI may use another IDCT
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_cover_an_epoch(stats_shards, backend):
+    n_train = len(open_shards(stats_shards).split("train"))
+    spec = AugmentSpec(normalize="none", layout="NHWC")
+    seen = []
+    for rank in (0, 1):
+        loader = Loader(stats_shards, "train", 4, spec, backend=backend, device="cpu", rank=rank, world_size=2,
+                        workers=1, seed=2)
+        assert len(loader) == n_train // 8
+        seen.append(np.concatenate([rank_samples(n_train, 4, rank, 2, True, 2, 0)]))
+        assert sum(len(labels) for _, labels in collect(loader)) == len(loader) * 4
+    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(seen[1])
+    assert len(set(seen[0]) | set(seen[1])) > n_train - 8  # only the remainder is dropped
+    val = {}
+    for rank in (0, 1):
+        loader = Loader(stats_shards, "val", 3, AugmentSpec(mode="val"), backend=backend, device="cpu", rank=rank,
+                        world_size=2, workers=1)
+        val[rank] = torch.cat([labels for _, labels in collect(loader)])
+    reader = open_shards(stats_shards).split("val")
+    expected = sorted(reader.labels.tolist())
+    assert sorted(val[0].tolist() + val[1].tolist()) == expected  # every sample exactly once
+
+
+def test_sampler_arithmetic():
+    assert batches_per_epoch(100, 8, 0, 3, shuffle=True) == 4  # 100 // 24
+    assert batches_per_epoch(100, 8, 0, 3, shuffle=False) == 5  # ceil(34 / 8)
+    assert batches_per_epoch(100, 8, 2, 3, shuffle=False) == 5  # ceil(33 / 8)
+    parts = [rank_samples(100, 8, r, 3, shuffle=False) for r in range(3)]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(100))
+    first = rank_samples(100, 8, 0, 1, shuffle=True, seed=1, epoch=0)
+    assert len(first) == 96 and len(set(first.tolist())) == 96
+    assert not np.array_equal(first, rank_samples(100, 8, 0, 1, shuffle=True, seed=1, epoch=1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_mid_epoch_gives_the_same_remaining_batches(stats_shards, backend):
+    def make():
+        return Loader(stats_shards, "train", 8, AugmentSpec(), backend=backend, device="cpu", workers=1, seed=4)
+
+    full = collect(make(), epoch=1)
+    loader = make()
+    loader.set_epoch(1)
+    iterator = iter(loader)
+    next(iterator), next(iterator), next(iterator)
+    state = loader.state_dict()
+    assert state["epoch"] == 1 and state["position"] == 3
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a checkpoint round trip
+    rest = [(x.clone(), y.clone()) for x, y in resumed]
+    assert len(rest) == len(full) - 3
+    for (a, la), (b, lb) in zip(rest, full[3:]):
+        assert torch.equal(la, lb) and torch.equal(a, b)
+
+
+def test_normalize_none_returns_the_0_255_maths(stats_shards):
+    spec = AugmentSpec(normalize="none", layout="NHWC")
+    loader = Loader(stats_shards, "train", 8, spec, backend="torch", device="cpu", workers=0, seed=9)
+    loader.set_epoch(2)
+    images, labels = next(iter(loader))
+    indices = rank_samples(len(loader.reader), 8, 0, 1, True, 9, 2)[:8]
+    params = sample_params(spec, 256, 9, 2, indices)
+    sources = np.stack([loader.reader[int(i)][0] for i in indices])
+    np.testing.assert_allclose(images.numpy(), numpy_reference(sources, params, loader.colour, spec), atol=1e-4)
+    assert labels.tolist() == loader.labels[indices].tolist()
+
+
+def test_errors_are_one_clear_line(stats_shards, fresh_copy, monkeypatch):
+    with pytest.raises(AugmentError, match="unknown backend 'tf'"):
+        Loader(stats_shards, backend="tf", device="cpu")
+    with pytest.raises(ShardFormatError, match="has no split 'test'"):
+        Loader(stats_shards, "test", device="cpu", backend="torch")
+    with pytest.raises(AugmentError, match="batch size 999 x 1 ranks does not fit split 'val' of 16 images"):
+        Loader(stats_shards, "val", 999, AugmentSpec(mode="val"), device="cpu", backend="torch")
+    if not torch.cuda.is_available():
+        with pytest.raises(AugmentError, match="torch sees no CUDA GPU"):
+            Loader(stats_shards, device="cuda")
+    monkeypatch.setattr("augment.loader.dali_available", lambda: False)
+    with pytest.raises(AugmentError, match="needs DALI: pip install nvidia-dali-cuda130"):
+        Loader(stats_shards, backend="dali", device="cpu")
+    manifest = json.loads((fresh_copy / "manifest.json").read_text())
+    manifest["version"] = 2
+    (fresh_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardFormatError, match="format version 2"):
+        Loader(fresh_copy, device="cpu", backend="torch")
+
+
+def test_statistics_rules(stats_shards, fresh_copy):
+    with pytest.raises(AugmentError, match="PCA lighting needs colour statistics: run 'imgprep pca-stats"):
+        Loader(fresh_copy, batch_size=8, device="cpu", backend="torch")  # fresh_copy has no stats.json
+    with pytest.raises(AugmentError, match="mean-image normalisation needs"):
+        Loader(fresh_copy, batch_size=8, spec=AugmentSpec(lighting=0, normalize="mean-image"), device="cpu",
+               backend="torch")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = Loader(fresh_copy, batch_size=8, spec=AugmentSpec(lighting=0), device="cpu", backend="torch")
+    assert any("torchvision's ImageNet mean and std" in str(w.message) for w in caught)
+    assert loader.colour.mean[0] == pytest.approx(0.485 * 255)
+    for name in ("stats.json", "stats-mean.npy"):
+        (fresh_copy / name).write_bytes((stats_shards / name).read_bytes())
+    assert load_stats(fresh_copy)["images"] > 0  # same shards, same manifest: valid
+    manifest = json.loads((fresh_copy / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"].pop()  # the shards change after the statistics
+    (fresh_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StaleStatsError, match="was computed from other shards"):
+        Loader(fresh_copy, batch_size=8, device="cpu", backend="torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_matches_cpu(stats_shards, backend):
+    spec = AugmentSpec()
+    on_gpu = collect(Loader(stats_shards, "train", 8, spec, backend=backend, device="cuda", workers=2, seed=3))
+    reference = collect(Loader(stats_shards, "train", 8, spec, backend="torch", device="cpu", workers=1, seed=3))
+    for (a, la), (b, lb) in zip(on_gpu, reference):
+        assert a.is_cuda and torch.equal(la.cpu(), lb)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and dali_available()), reason="needs a CUDA GPU and DALI")
+def test_cuda_jpeg_shards_use_the_mixed_decoder(fake_src, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "jpeg"
+    run_cli(["shard", str(fake_src), "--out", str(out), "--encoding", "jpeg", "--quiet"])
+    spec = AugmentSpec(mode="val", normalize="none")
+    gpu = collect(Loader(out, "val", 4, spec, backend="dali", device="cuda", workers=2))
+    cpu = collect(Loader(out, "val", 4, spec, backend="torch", device="cpu", workers=1))
+    for (a, la), (b, lb) in zip(gpu, cpu):
+        assert torch.equal(la.cpu(), lb) and (a.cpu() - b).abs().mean() < 1.5
+
+
+def test_preview_draws_the_grid(stats_shards, tmp_path):
+    from PIL import Image
+
+    from conftest import run_cli
+
+    result = run_cli(["preview", str(stats_shards), "--out", str(tmp_path / "p.png"), "--images", "3", "--versions", "4"])
+    assert result.exit_code == 0, result.output
+    sheet = Image.open(tmp_path / "p.png")
+    assert sheet.size == (5 * (256 + 6) + 6, 3 * (256 + 6 + 14) + 6)
+    source_cell = np.asarray(sheet)[6 + 14 : 6 + 14 + 256, 6 : 6 + 256]
+    assert source_cell.std() > 10  # an actual picture, not an empty cell
+
+
+def test_preview_without_stats_says_what_to_run(fresh_copy, tmp_path):
+    from conftest import run_cli
+
+    result = run_cli(["preview", str(fresh_copy), "--out", str(tmp_path / "p.png")])
+    assert result.exit_code == 1 and "run 'imgprep pca-stats" in result.output
