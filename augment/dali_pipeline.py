@@ -60,11 +60,16 @@ class ShardSource:
             label = -1  # padding of the last evaluation batch
         params = sample_params(self.spec, self.size, self.seed, epoch, [index])
         offset = lighting_offsets(params.alpha, self.colour)[0].astype(np.float32)
+        label = np.array(label, np.int64)
         if self.spec.mode == "test10":  # fixed windows: no per-sample position or mirror
-            return stored, np.array(label, np.int64), offset
+            return stored, label, offset
+        mirror = np.array(params.mirror[0], np.int32)
+        if params.width is not None:  # random-resized: the window as a region of interest (y, x)
+            x, y, w, h = params.x[0], params.y[0], params.width[0], params.height[0]
+            return (stored, label, offset, np.array([y, x], np.float32), np.array([y + h, x + w], np.float32), mirror)
         span = max(self.size - self.spec.crop, 1)  # DALI's anchor is round(pos * (S - crop))
-        return (stored, np.array(label, np.int64), offset, np.array(params.x[0] / span, np.float32),
-                np.array(params.y[0] / span, np.float32), np.array(params.mirror[0], np.int32))
+        return (stored, label, offset, np.array(params.x[0] / span, np.float32),
+                np.array(params.y[0] / span, np.float32), mirror)
 
 
 def build_pipeline(source: ShardSource, spec: AugmentSpec, encoding: str, size: int, batch_size: int,
@@ -107,6 +112,13 @@ def build_pipeline(source: ShardSource, spec: AugmentSpec, encoding: str, size: 
         def window(x, y, mirror):
             return fn.crop_mirror_normalize(image, crop=(spec.crop, spec.crop), crop_pos_x=x, crop_pos_y=y,
                                             mirror=mirror, mean=mean, std=std, dtype=dtype, output_layout=layout)
+
+        if spec.random and spec.crop_mode == "random-resized":
+            roi_start, roi_end, flip = window_params
+            image = fn.resize(image, size=(spec.crop, spec.crop), roi_start=roi_start, roi_end=roi_end,
+                              roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
+            return fn.crop_mirror_normalize(image, mirror=flip, mean=mean, std=std, dtype=dtype,
+                                            output_layout=layout), label
 
         if ten:
             span = max(size - spec.crop, 1)

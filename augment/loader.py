@@ -17,6 +17,7 @@ import importlib.util
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from augment.colour import colour_stats
 from augment.errors import AugmentError
@@ -54,7 +55,9 @@ class Loader:
         self.size = self.shard_set.size
         if spec.crop > self.size:
             raise AugmentError(f"crop {spec.crop} is larger than the {self.size} px shard images")
-        if batch_size < 1 or batch_size * (world_size if spec.random else 1) > len(self.reader):
+        if batch_size < 1 or (spec.random and batch_size * world_size > len(self.reader)):
+            # Training drops the remainder, so one full step over all ranks must fit; evaluation
+            # takes any batch size (a short last batch).
             raise AugmentError(f"batch size {batch_size} x {world_size} ranks does not fit split '{split}' "
                                f"of {len(self.reader)} images")
         self.split, self.batch_size, self.spec = split, batch_size, spec
@@ -82,6 +85,8 @@ class Loader:
         self.epoch, self.position = state["epoch"], state["position"]
 
     def __iter__(self):
+        if self.position >= len(self):  # a finished epoch iterated again repeats it (as torch's samplers do)
+            self.position = 0
         batches = self._dali_batches() if self.backend == "dali" else self._torch_batches()
         for images, labels in batches:
             self.position += 1
@@ -161,7 +166,12 @@ class _BatchReader(torch.utils.data.Dataset):
             image, labels[i] = self.reader.stored(int(index)) if raw else self.reader[int(index)]
             if not whole:
                 x, y = params.x[i], params.y[i]
-                image = image[y : y + crop, x : x + crop]
+                if params.width is None:
+                    image = image[y : y + crop, x : x + crop]
+                else:  # random-resized: uint8 antialiased bilinear, torch's vectorised kernel
+                    window = torch.from_numpy(np.ascontiguousarray(image[y : y + params.height[i], x : x + params.width[i]]))
+                    image = F.interpolate(window.permute(2, 0, 1)[None], size=(crop, crop), mode="bilinear",
+                                          antialias=True)[0].permute(1, 2, 0).numpy()
                 image = image[:, ::-1] if params.mirror[i] else image
             pixels[i] = image
         return torch.from_numpy(pixels), torch.from_numpy(labels), torch.as_tensor(indices)

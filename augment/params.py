@@ -11,6 +11,12 @@ the draw of a sample does not depend on rank, world size, batch size or worker.
     alpha_c   = lighting * sqrt(-2 ln(1 - u)) cos(2 pi v)   (Box-Muller; (u, v) = (u_3, u_4),
                 (u_5, u_6), (u_7, u_8) for c = 0, 1, 2)                              ~ N(0, lighting^2)
 
+With crop_mode "random-resized" the window is w x h instead of crop x crop, drawn as
+torchvision's RandomResizedCrop draws it on an S x S image: for tries t = 0..9, area
+a = S^2 (0.08 + 0.92 u_(9+2t)), aspect r = exp(ln 3/4 + ln(16/9) u_(10+2t)),
+w = round(sqrt(a r)), h = round(sqrt(a / r)); the first try that fits wins, else the whole
+image; then x = floor(u_0 (S - w + 1)), y = floor(u_1 (S - h + 1)).
+
 SplitMix64 (Steele, Lea and Flood) is a bijective 64-bit mixer; computed with numpy's
 wrapping uint64 arithmetic it gives the same bits on every platform and version.
 """
@@ -54,6 +60,8 @@ class SampleParams:
     y: np.ndarray  # int64 [B], top row of the crop window
     mirror: np.ndarray  # bool [B]
     alpha: np.ndarray  # float64 [B, 3], lighting coefficients (zeros without lighting)
+    width: np.ndarray | None = None  # int64 [B], window size for crop_mode "random-resized"
+    height: np.ndarray | None = None  # (None: the window is crop x crop)
 
 
 def sample_params(spec: AugmentSpec, size: int, seed: int, epoch: int, indices) -> SampleParams:
@@ -63,11 +71,27 @@ def sample_params(spec: AugmentSpec, size: int, seed: int, epoch: int, indices) 
     if not spec.random:
         centre = (size - spec.crop) // 2
         return SampleParams(np.full(n, centre), np.full(n, centre), np.zeros(n, bool), np.zeros((n, 3)))
-    u = uniforms(seed, epoch, indices, 9)
-    positions = size - spec.crop + 1
-    x = np.minimum((u[:, 0] * positions).astype(np.int64), positions - 1)
-    y = np.minimum((u[:, 1] * positions).astype(np.int64), positions - 1)
+    resized = spec.crop_mode == "random-resized"
+    u = uniforms(seed, epoch, indices, 29 if resized else 9)
+    width = height = np.full(n, spec.crop)
+    if resized:
+        width, height = random_resized_size(u[:, 9:29], size)
+    x = np.minimum((u[:, 0] * (size - width + 1)).astype(np.int64), size - width)
+    y = np.minimum((u[:, 1] * (size - height + 1)).astype(np.int64), size - height)
     mirror = u[:, 2] < spec.flip
     radius = np.sqrt(-2.0 * np.log1p(-u[:, 3:9:2]))
     alpha = spec.lighting * radius * np.cos(2.0 * np.pi * u[:, 4:9:2])
-    return SampleParams(x, y, mirror, alpha)
+    return SampleParams(x, y, mirror, alpha, *((width, height) if resized else (None, None)))
+
+
+def random_resized_size(u: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(width, height) of RandomResizedCrop windows from 20 uniforms a sample (ten tries)."""
+    area = size * size * (0.08 + 0.92 * u[:, 0::2])  # [B, 10]
+    ratio = np.exp(np.log(3 / 4) + np.log(16 / 9) * u[:, 1::2])
+    width = np.rint(np.sqrt(area * ratio)).astype(np.int64)
+    height = np.rint(np.sqrt(area / ratio)).astype(np.int64)
+    fits = (width <= size) & (height <= size) & (width > 0) & (height > 0)
+    first = np.argmax(fits, axis=1)
+    rows = np.arange(len(u))
+    found = fits[rows, first]
+    return np.where(found, width[rows, first], size), np.where(found, height[rows, first], size)

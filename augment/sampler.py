@@ -1,10 +1,11 @@
 """Which samples each rank sees in each epoch, and in what order.
 
 Training (shuffle): one permutation of all n samples per epoch, ordered by a keyed hash of
-(seed, epoch, index), which is the same on every rank without communication. Every rank runs
-the same number of steps, n // (world * batch); rank r takes the r-th contiguous block of
-steps * batch samples of the permutation, and the remainder (fewer than world * batch samples,
-a different set each epoch) is dropped.
+(seed, epoch, index), which is the same on every rank without communication. The permutation
+is cut into global batches of world * batch samples; in step s, rank r takes the r-th slice of
+global batch s. Every rank runs the same n // (world * batch) steps, the remainder (fewer than
+world * batch samples, a different set each epoch) is dropped, and a global batch holds the
+same samples whatever the world size: W processes of batch b train like one of batch W * b.
 
 Evaluation (no shuffle): rank r takes samples r, r + world, r + 2 world, ... so that every
 sample is seen exactly once over all ranks; the last batch of a rank may be short.
@@ -27,9 +28,9 @@ def rank_samples(n: int, batch_size: int, rank: int, world_size: int, shuffle: b
                  epoch: int = 0) -> np.ndarray:
     """Global indices rank ``rank`` visits in ``epoch``, in order (see the module docstring)."""
     if shuffle:
-        per_rank = (n // (world_size * batch_size)) * batch_size
-        order = epoch_permutation(n, seed, epoch)
-        return order[rank * per_rank : (rank + 1) * per_rank]
+        steps = n // (world_size * batch_size)
+        order = epoch_permutation(n, seed, epoch)[: steps * world_size * batch_size]
+        return order.reshape(steps, world_size, batch_size)[:, rank, :].reshape(-1)
     return np.arange(rank, n, world_size)
 
 

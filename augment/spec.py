@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODES = ("train", "val", "test10")
+CROP_MODES = ("paper", "random-resized")
 NORMALIZE = ("channel", "mean-image", "none")
 DTYPES = ("float32", "float16")
 LAYOUTS = ("NCHW", "NHWC")
@@ -14,7 +15,9 @@ LAYOUTS = ("NCHW", "NHWC")
 class AugmentSpec:
     """The augmentation recipe; the defaults are the paper's training recipe.
 
-    mode "train": a uniformly random ``crop`` x ``crop`` window of the S x S shard image,
+    mode "train": a uniformly random ``crop`` x ``crop`` window of the S x S shard image
+    (``crop_mode="paper"``) or a random-resized crop (``"random-resized"``: a window of 8-100%
+    of the area and aspect 3/4-4/3, resized to ``crop``, as torchvision's RandomResizedCrop),
     mirrored with probability ``flip``, plus PCA lighting. "val": the central window.
     "test10": the paper's ten crops, [B, 10, ...]: top-left, top-right, bottom-left,
     bottom-right, centre, then the mirror images of those five in the same order.
@@ -28,10 +31,12 @@ class AugmentSpec:
     #                             (the paper; no division); "none": 0-255 values, to inspect the maths
     dtype: str = "float32"  # output element type
     layout: str = "NCHW"  # output layout of each image
+    crop_mode: str = "paper"  # train window: "paper" (fixed size) or "random-resized"
 
     def __post_init__(self):
         for name, value, allowed in (("mode", self.mode, MODES), ("normalize", self.normalize, NORMALIZE),
-                                     ("dtype", self.dtype, DTYPES), ("layout", self.layout, LAYOUTS)):
+                                     ("dtype", self.dtype, DTYPES), ("layout", self.layout, LAYOUTS),
+                                     ("crop_mode", self.crop_mode, CROP_MODES)):
             if value not in allowed:
                 raise ValueError(f"AugmentSpec {name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.crop < 1:
@@ -40,6 +45,8 @@ class AugmentSpec:
             raise ValueError(f"AugmentSpec flip is a probability, got {self.flip}")
         if self.lighting < 0:
             raise ValueError(f"AugmentSpec lighting is a standard deviation, got {self.lighting}")
+        if self.crop_mode == "random-resized" and self.normalize == "mean-image":
+            raise ValueError("normalize='mean-image' goes with crop_mode='paper': the mean image is cut, not resized")
 
     @property
     def random(self) -> bool:

@@ -5,6 +5,8 @@ Images arrive as uint8 [B, S, S, 3] RGB on the device. For sample b with window 
 (x_b, y_b), mirror flag m_b and lighting offset o_b (a 3-vector, 0-255 scale):
 
     crop       w_b[i, j]   = image_b[y_b + i, x_b + j]                 0 <= i, j < crop
+               (random-resized: the w_b x h_b window there, resized to crop x crop with
+               antialiased bilinear interpolation, PIL's triangle filter)
     mirror     w_b[i, j]   = w_b[i, crop - 1 - j]                      when m_b
     lighting   v_b[i, j]   = w_b[i, j] + o_b                           no clamping
     normalise  "channel":    (v_b - mean) / std    per channel, 0-255 mean and std
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from augment.colour import ColourStats, lighting_offsets
 from augment.params import SampleParams
@@ -31,6 +34,16 @@ def crop(images: torch.Tensor, x: torch.Tensor, y: torch.Tensor, size: int) -> t
     cols = (x[:, None] + steps)[:, None, :]  # [B, 1, size]
     batch = torch.arange(images.shape[0], device=images.device)[:, None, None]
     return images[batch, rows, cols]
+
+
+def resized_crop(images: torch.Tensor, params: SampleParams, size: int) -> torch.Tensor:
+    """[B, H, W, C] -> float32 [B, size, size, C]: window b (x, y, width, height) resized to size."""
+    windows = []
+    for b in range(images.shape[0]):
+        x, y, w, h = (int(v[b]) for v in (params.x, params.y, params.width, params.height))
+        window = images[b, y : y + h, x : x + w].permute(2, 0, 1)[None].float()  # (1, C, h, w)
+        windows.append(F.interpolate(window, size=(size, size), mode="bilinear", antialias=True)[0].permute(1, 2, 0))
+    return torch.stack(windows)
 
 
 def mirror(images: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
@@ -61,7 +74,11 @@ def to_layout(images: torch.Tensor, spec: AugmentSpec) -> torch.Tensor:
 def augment_batch(images: torch.Tensor, params: SampleParams, spec: AugmentSpec, colour: ColourStats) -> torch.Tensor:
     """uint8 [B, S, S, 3] -> [B, 3, crop, crop] (NCHW) or [B, crop, crop, 3]; train or val mode."""
     x, y, flags = (torch.as_tensor(p, device=images.device) for p in (params.x, params.y, params.mirror))
-    return finish_windows(mirror(crop(images, x, y, spec.crop), flags), params, spec, colour)
+    if spec.crop_mode == "random-resized" and spec.random:
+        windows = resized_crop(images, params, spec.crop)
+    else:
+        windows = crop(images, x, y, spec.crop)
+    return finish_windows(mirror(windows, flags), params, spec, colour)
 
 
 def finish_windows(windows: torch.Tensor, params: SampleParams, spec: AugmentSpec, colour: ColourStats) -> torch.Tensor:

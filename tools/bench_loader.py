@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tools.bench_shard import machine
+from tools.benchkit import endless, report
 from tools.photo_corpus import corpus_files, make_corpus
 
 
@@ -68,17 +68,6 @@ def images_per_second(batches, batch_size: int, warmup: int, timed: int) -> floa
     if images.is_cuda:
         torch.cuda.synchronize()
     return timed * batch_size / (time.perf_counter() - start)
-
-
-def endless(loader, device: str):
-    """Batches of ``loader`` over as many epochs as asked for, moved to ``device``."""
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        for images, labels in loader:
-            yield images.to(device), labels
-        epoch += 1
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -128,11 +117,7 @@ def main(corpus, device, workers, batch_size, batches, baseline, markdown):
              "|---|---|" + ("---|" if base else "")]
     for name, rate in rows:
         lines.append(f"| {name} | {rate:,.0f} |" + (f" {rate / base:.1f}x |" if base else ""))
-    table = "\n".join(lines)
-    click.echo(f"{machine()}\n\n{table}")
-    if markdown:
-        markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(f"machine: {machine()}\n\n{table}\n")
+    report("\n".join(lines), markdown)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Needs ``pip install '.[bench]'`` for the photographs the corpus is made from.
 from __future__ import annotations
 
 import io
-import platform
 import shutil
 import tempfile
 import time
@@ -26,6 +25,7 @@ import click
 import numpy as np
 from PIL import Image
 
+from tools.benchkit import report
 from tools.photo_corpus import corpus_files, make_corpus
 
 SIZE = 256
@@ -127,24 +127,6 @@ def job_rows(corpus: Path, workers: list[int], shard_size: int, copies: int):
     return [[n, rate, rate / base, rate / base / n] for n, rate in rows]
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    import simplejpeg
-    import torch
-
-    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}, "
-            f"Pillow {Image.__version__}, simplejpeg {simplejpeg.__version__}, torch {torch.__version__}")
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--corpus", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/corpus"),
               show_default=True, help="Corpus folder; generated there when empty.")
@@ -162,7 +144,7 @@ def main(corpus, images, workers, shard_size, job_copies, repeats, markdown):
     files = corpus_files(corpus)
     datas = [f.read_bytes() for f in files]
     large = [max(Image.open(io.BytesIO(d)).size) >= 1000 for d in datas]
-    click.echo(f"{len(files)} files ({sum(large)} large), {sum(map(len, datas)) / 2**20:.1f} MiB; {machine()}")
+    click.echo(f"{len(files)} files ({sum(large)} large), {sum(map(len, datas)) / 2**20:.1f} MiB")
 
     lines = ["| path (1 process, 1 thread) | img/s | vs Pillow | PSNR mean dB | PSNR min dB | img/s ordinary | img/s large |",
              "|---|---|---|---|---|---|---|"]
@@ -174,11 +156,7 @@ def main(corpus, images, workers, shard_size, job_copies, repeats, markdown):
     job = job_rows(corpus, [int(w) for w in workers.split(",")], shard_size, job_copies)
     for n, rate, speedup, efficiency in job:
         lines.append(f"| {n} | {rate:.0f} | {speedup:.2f}x | {efficiency:.0%} | {rate / n / pixels[0][1]:.2f}x |")
-    table = "\n".join(lines)
-    click.echo("\n" + table)
-    if markdown:
-        markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(f"machine: {machine()}\n\n{table}\n")
+    report("\n".join(lines), markdown)
 
 
 if __name__ == "__main__":

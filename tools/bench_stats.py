@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from tools.bench_shard import machine
+from tools.benchkit import report
 
 SIZE = 256
 
@@ -105,11 +105,7 @@ def main(images, shard_size, workers, markdown):
         rate = numpy_images_per_second(root)
         lines.append(f"| numpy float64 x.T @ x, 1 process (compute only) | {images / rate:.3f} | {rate:.0f} | "
                      f"{images / rate / read:.2f}x |")
-        table = "\n".join(lines)
-        click.echo(f"{machine()}\n\n{table}")
-        if markdown:
-            markdown.parent.mkdir(parents=True, exist_ok=True)
-            markdown.write_text(f"machine: {machine()}\n\n{table}\n")
+        report("\n".join(lines), markdown)
     finally:
         shutil.rmtree(root)
 

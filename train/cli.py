@@ -1,8 +1,217 @@
-"""``train``: the trainer's command line (its commands arrive with the trainer)."""
+"""``train``: train and evaluate CNNs on imgprep shards.
+
+    train run                                   # AlexNet, the paper's recipe, ./shards, all local GPUs (or the CPU)
+    train run /fast/in256 --gpus 2 --epochs 90 --batch-size 128 --out runs/alexnet
+    train run --arch mypkg.nets:resnet18 --lr 0.1 --schedule cosine --crop-mode random-resized
+    train run --resume runs/alexnet             # continues exactly where it stopped
+    train eval runs/alexnet/best.pt --ten-crop  # the paper's 10-crop top-1/top-5 on val
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 -m train run ...
+
+Set IMGPREP_DEBUG=1 to see the traceback behind a one-line error.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
 
 import click
 
+SHARDS_ENV = "IMGPREP_SHARDS"
+# TrainConfig fields a resumed run may change: how long, and how it reads its data.
+RESUMABLE_CHANGES = ("epochs", "workers", "backend")
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+def report_errors(command):
+    """Known errors become one line (exit 1); anything else keeps its traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from prep.errors import PrepError
+        from train.config import ConfigError
+        from train.models import UnknownArch
+
+        try:
+            return command(*args, **kwargs)
+        except (PrepError, ConfigError, UnknownArch, FileNotFoundError) as error:
+            if os.environ.get("IMGPREP_DEBUG"):
+                raise
+            raise click.ClickException(f"{error}  (IMGPREP_DEBUG=1 shows the traceback)") from None
+
+    return wrapper
+
+
+def processes_options(command):
+    """--device, --gpus, --nproc: where the processes run and how many."""
+    command = click.option("--nproc", type=click.IntRange(min=1), default=None,
+                           help="Processes with --device cpu (gloo).  [default: 1]")(command)
+    command = click.option("--gpus", type=click.IntRange(min=1), default=None,
+                           help="Local GPUs, one process each (NCCL).  [default: all]")(command)
+    return click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
+                        help="[default: cuda when a GPU is present, else cpu]")(command)
+
+
+def resolve_processes(device, gpus, nproc) -> tuple[str, int]:
+    """(device, number of local processes), checked against the machine."""
+    import torch
+
+    available = torch.cuda.device_count()
+    if gpus and gpus > available:
+        raise click.ClickException(f"--gpus {gpus}, but this machine has {available} GPU(s)"
+                                   + ("" if available else " (on the CPU: --device cpu --nproc N)"))
+    device = device or ("cuda" if available or gpus else "cpu")
+    if device == "cuda":
+        if not available:
+            raise click.ClickException("--device cuda, but torch sees no CUDA GPU (use --device cpu)")
+        if nproc:
+            raise click.ClickException("--nproc is for --device cpu; on GPUs use --gpus")
+        return device, gpus or available
+    if gpus:
+        raise click.ClickException("--gpus needs --device cuda; on the CPU use --nproc")
+    return device, nproc or 1
+
+
+def launch(entrypoint, args: tuple, processes: int) -> dict:
+    """In this process (one process, or already under torchrun), else N local processes."""
+    from train import dist
+
+    if dist.under_launcher() or processes == 1:
+        result = entrypoint(*args)
+    else:
+        result = dist.launch(entrypoint, args, processes)
+    if "error" in result:
+        raise click.ClickException(f"{result['error']}  (IMGPREP_DEBUG=1 shows the traceback)")
+    return result
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main():
-    """Train CNNs on imgprep shards."""
+    """Train CNNs on imgprep shards: AlexNet as in the paper first, any CNN by import path."""
+
+
+@main.command()
+@click.argument("shards", required=False, type=click.Path(file_okay=False))
+@click.option("--preset", type=click.Choice(["paper", "demo"]), default="paper", show_default=True,
+              help="Starting values; options given explicitly override them. demo: minutes on a CPU.")
+@click.option("--out", help="Run folder.  [default: runs/<arch>]")
+@click.option("--resume", type=click.Path(file_okay=False, path_type=Path),
+              help="Continue the run in this folder from its last.pt (its config; --epochs may grow).")
+@click.option("--arch", help="alexnet, alexnet-owt, a torchvision name, or package.module:factory.  [default: alexnet]")
+@click.option("--epochs", type=int, help="Passes over the training split.  [default: 90]")
+@click.option("--batch-size", type=int, help="Images per step over all processes.  [default: 128]")
+@click.option("--lr", type=float, help="Initial learning rate.  [default: 0.01]")
+@click.option("--momentum", type=float, help="SGD momentum.  [default: 0.9]")
+@click.option("--weight-decay", type=float, help="L2 weight decay.  [default: 5e-4]")
+@click.option("--no-bias-decay", is_flag=True, default=None, help="No weight decay on biases and 1-d parameters.")
+@click.option("--label-smoothing", type=float, help="Cross-entropy label smoothing.  [default: 0]")
+@click.option("--schedule", type=click.Choice(["plateau", "step", "cosine"]),
+              help="plateau: lr/10 when val top-1 stalls for --patience epochs, at most 3 times (the paper); "
+                   "step: lr/10 every --step-epochs; cosine: to 0.  [default: plateau]")
+@click.option("--patience", type=int, help="plateau: epochs without improvement before lr/10.  [default: 5]")
+@click.option("--step-epochs", type=int, help="step: epochs between divisions by 10.  [default: 30]")
+@click.option("--warmup-epochs", type=float, help="step, cosine: linear warm-up epochs.  [default: 0]")
+@click.option("--crop-mode", type=click.Choice(["paper", "random-resized"]),
+              help="paper: random 224 window of the 256 image; random-resized: RandomResizedCrop.  [default: paper]")
+@click.option("--crop", type=int, help="Input side in pixels.  [default: 224]")
+@click.option("--lighting", type=float, help="Std of the PCA-lighting alpha, 0 for none.  [default: 0.1]")
+@click.option("--normalize", type=click.Choice(["channel", "mean-image"]),
+              help="channel: (x - mean) / std; mean-image: the paper's mean-image subtraction.  "
+                   "[default: mean-image for --arch alexnet, channel otherwise]")
+@click.option("--backend", type=click.Choice(["dali", "torch"]), help="Loader backend.  [default: dali if installed]")
+@click.option("--workers", type=int, help="Loader workers per process.  [default: 4]")
+@processes_options
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), help="Autocast on GPU.  [default: bf16]")
+@click.option("--channels-last", is_flag=True, default=None, help="NHWC memory format.")
+@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
+@click.option("--seed", type=int, help="Seed of order, augmentation, initialisation, dropout.  [default: 0]")
+@report_errors
+def run(shards, preset, out, resume, device, gpus, nproc, compile_, **options):
+    """Train a CNN on SHARDS (default $IMGPREP_SHARDS, else ./shards).
+
+    Each epoch writes OUT/last.pt (and best.pt when val top-1 improves), a line of
+    OUT/metrics.jsonl and OUT/curves.png. Global batch = per-process batch x processes.
+    """
+    from train.config import PRESETS, TrainConfig
+
+    device, processes = resolve_processes(device, gpus, nproc)
+    given = {k: v for k, v in options.items() if v is not None}
+    if compile_ is not None:
+        given["compile"] = compile_
+    if resume:
+        config = resumed_config(resume, given, shards, out)
+    else:
+        values = {**PRESETS[preset](), **given, "device": device}
+        # The paper's N(0, 0.01) initialisation expects its mean-subtracted 0-255 inputs: with
+        # unit-variance inputs the paper's AlexNet starts far slower.
+        values.setdefault("normalize", "mean-image" if values.get("arch", "alexnet") == "alexnet" else "channel")
+        values["shards"] = shards or os.environ.get(SHARDS_ENV, "shards")
+        values["out"] = out or f"runs/{values.get('arch', 'alexnet').replace(':', '-').replace('.', '-')}"
+        config = TrainConfig(**values)
+    check_run(config, processes, resume is not None)
+    from train.loop import worker
+
+    launch(worker, (config, resume is not None), processes)
+
+
+def resumed_config(folder: Path, given: dict, shards, out):
+    from train.checkpoint import LAST, load_checkpoint
+    from train.config import TrainConfig
+
+    state = load_checkpoint(folder / LAST)
+    if shards or out or set(given) - set(RESUMABLE_CHANGES):
+        changed = sorted(set(given) - set(RESUMABLE_CHANGES)) + (["shards"] if shards else []) + (["out"] if out else [])
+        raise click.ClickException(f"--resume continues the run as it was configured; only "
+                                   f"{', '.join('--' + c for c in RESUMABLE_CHANGES)} may change (not {', '.join(changed)})")
+    return TrainConfig.from_dict({**state["config"], **given, "out": str(folder)})
+
+
+def check_run(config, processes: int, resume: bool) -> None:
+    """Everything that can be checked before processes start, each failure one clear line."""
+    from augment import AugmentSpec
+    from augment.colour import colour_stats
+    from prep.shards import open_shards
+    from train.checkpoint import LAST
+    from train.models import check_arch
+
+    if config.batch_size % processes:
+        raise click.ClickException(f"--batch-size {config.batch_size} does not divide over {processes} processes")
+    check_arch(config.arch)
+    train = open_shards(config.shards).split("train")
+    if config.batch_size > len(train):
+        raise click.ClickException(f"--batch-size {config.batch_size} is larger than the {len(train)} training images")
+    colour_stats(config.shards, AugmentSpec(lighting=config.lighting, normalize=config.normalize))
+    if config.schedule == "plateau" and "val" not in open_shards(config.shards).splits:
+        raise click.ClickException(f"{config.shards} has no val split, which --schedule plateau needs; "
+                                   "use --schedule step or cosine")
+    if not resume and (Path(config.out) / LAST).exists():
+        raise click.ClickException(f"{config.out} already holds a run: continue it with --resume {config.out}, "
+                                   "or choose another --out")
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+
+
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--ten-crop", is_flag=True, help="Average the softmax of the paper's 10 crops (else the centre crop).")
+@click.option("--shards", type=click.Path(file_okay=False), help="Shard folder.  [default: the run's own]")
+@click.option("--batch-size", default=128, show_default=True, help="Images per step over all processes.")
+@click.option("--workers", default=4, show_default=True, help="Loader workers per process.")
+@click.option("--backend", type=click.Choice(["dali", "torch"]), help="Loader backend.  [default: dali if installed]")
+@processes_options
+@report_errors
+def evaluate(checkpoint, ten_crop, shards, batch_size, workers, backend, device, gpus, nproc):
+    """Top-1 and top-5 of CHECKPOINT over the whole validation split."""
+    from train.loop import evaluate_checkpoint
+
+    device, processes = resolve_processes(device, gpus, nproc)
+    if batch_size % processes:
+        raise click.ClickException(f"--batch-size {batch_size} does not divide over {processes} processes")
+    result = launch(evaluate_checkpoint, (str(checkpoint), shards, ten_crop, batch_size,
+                                          device, workers, backend), processes)
+    views = "10 crops" if ten_crop else "centre crop"
+    click.echo(f"{checkpoint}: val top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+               f"loss {result['loss']:.4f}  over {result['count']:,} images ({views})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The models, as plain modules, and how ``--arch`` finds one.
+
+``MODELS`` maps a name to a constructor taking ``num_classes``. Anything else comes by import
+path, ``package.module:factory`` (a callable taking ``num_classes``), or by torchvision name
+when torchvision is installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+
+class AlexNet(nn.Module):
+    """Krizhevsky, Sutskever and Hinton (NIPS 2012), 60,965,224 parameters at 1000 classes.
+
+    The two GPU columns are ``groups=2``: conv2, conv4 and conv5 see only the maps of their
+    own column; conv3 and the fully connected layers see both. Local response normalisation
+    after the ReLUs of conv1 and conv2 follows the paper's
+        b = a / (k + alpha * sum over n neighbouring maps of a^2)^beta,  k=2, n=5, alpha=1e-4, beta=0.75;
+    PyTorch's LocalResponseNorm divides its alpha by n, so it is given alpha = n * 1e-4.
+    Overlapping max-pooling (3, stride 2) after both LRNs and after conv5. Dropout 0.5 on the
+    outputs of fc6 and fc7. Input 224 x 224 with padding 2 in conv1 so that its maps are
+    55 x 55 as in the paper (its 224 and 55 agree only with that padding); the parameter count
+    does not depend on it.
+
+    Initialisation (the paper): weights N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6 and
+    fc7 (to give the ReLUs positive inputs early on), 0 elsewhere.
+    """
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        lrn = dict(size=5, alpha=5 * 1e-4, beta=0.75, k=2.0)
+        self.conv1 = nn.Conv2d(3, 96, kernel_size=11, stride=4, padding=2)
+        self.norm1 = nn.LocalResponseNorm(**lrn)
+        self.conv2 = nn.Conv2d(96, 256, kernel_size=5, padding=2, groups=2)
+        self.norm2 = nn.LocalResponseNorm(**lrn)
+        self.conv3 = nn.Conv2d(256, 384, kernel_size=3, padding=1)
+        self.conv4 = nn.Conv2d(384, 384, kernel_size=3, padding=1, groups=2)
+        self.conv5 = nn.Conv2d(384, 256, kernel_size=3, padding=1, groups=2)
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2)
+        self.fc6 = nn.Linear(256 * 6 * 6, 4096)
+        self.fc7 = nn.Linear(4096, 4096)
+        self.fc8 = nn.Linear(4096, num_classes)
+        self.dropout = nn.Dropout(0.5)
+        self.relu = nn.ReLU(inplace=True)
+        for layer in (self.conv1, self.conv2, self.conv3, self.conv4, self.conv5, self.fc6, self.fc7, self.fc8):
+            nn.init.normal_(layer.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(layer.bias)
+        for layer in (self.conv2, self.conv4, self.conv5, self.fc6, self.fc7):
+            nn.init.ones_(layer.bias)
+
+    def forward(self, x):  # (B, 3, 224, 224)
+        x = self.pool(self.norm1(self.relu(self.conv1(x))))  # conv (B, 96, 55, 55) -> pool (B, 96, 27, 27)
+        x = self.pool(self.norm2(self.relu(self.conv2(x))))  # conv (B, 256, 27, 27) -> pool (B, 256, 13, 13)
+        x = self.relu(self.conv3(x))  # (B, 384, 13, 13)
+        x = self.relu(self.conv4(x))  # (B, 384, 13, 13)
+        x = self.pool(self.relu(self.conv5(x)))  # conv (B, 256, 13, 13) -> pool (B, 256, 6, 6)
+        x = torch.flatten(x, 1)  # (B, 9216)
+        x = self.dropout(self.relu(self.fc6(x)))  # (B, 4096)
+        x = self.dropout(self.relu(self.fc7(x)))  # (B, 4096)
+        return self.fc8(x)  # (B, num_classes)
+
+
+class AlexNetOWT(nn.Module):
+    """The single-column AlexNet of "One weird trick" (Krizhevsky 2014) as torchvision lays it
+    out: the same state_dict keys and shapes as ``torchvision.models.alexnet``, so its published
+    weights load. 64/192/384/256/256 maps, no LRN, an adaptive pool to 6 x 6, dropout before
+    fc6 and fc7. PyTorch's default initialisation, as torchvision."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),  # 0: (B, 64, 55, 55)
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),  # (B, 64, 27, 27)
+            nn.Conv2d(64, 192, kernel_size=5, padding=2),  # 3: (B, 192, 27, 27)
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),  # (B, 192, 13, 13)
+            nn.Conv2d(192, 384, kernel_size=3, padding=1),  # 6: (B, 384, 13, 13)
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1),  # 8: (B, 256, 13, 13)
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, kernel_size=3, padding=1),  # 10: (B, 256, 13, 13)
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),  # (B, 256, 6, 6)
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))  # other input sizes still give 6 x 6
+        self.classifier = nn.Sequential(
+            nn.Dropout(0.5),
+            nn.Linear(256 * 6 * 6, 4096),  # 1
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(4096, 4096),  # 4
+            nn.ReLU(inplace=True),
+            nn.Linear(4096, num_classes),  # 6
+        )
+
+    def forward(self, x):  # (B, 3, 224, 224)
+        x = self.avgpool(self.features(x))  # (B, 256, 6, 6)
+        return self.classifier(torch.flatten(x, 1))  # (B, num_classes)
+
+
+MODELS = {"alexnet": AlexNet, "alexnet-owt": AlexNetOWT}
+
+
+class UnknownArch(ValueError):
+    """--arch names nothing we can build; the message lists what is valid."""
+
+
+def torchvision_names() -> list[str]:
+    """torchvision's classification models, or [] without a working torchvision."""
+    try:
+        import torchvision.models
+    except Exception:  # absent, or built for another torch (it fails on import then)
+        return []
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_arch(arch: str) -> None:
+    """Raise UnknownArch unless ``build_model(arch, ...)`` can find a constructor."""
+    if arch in MODELS:
+        return
+    if ":" in arch:
+        module_name, _, factory_name = arch.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), factory_name)
+        except (ImportError, AttributeError) as error:
+            raise UnknownArch(f"cannot import --arch {arch}: {error}") from None
+        if not callable(factory):
+            raise UnknownArch(f"--arch {arch} is not callable")
+        return
+    if arch not in torchvision_names():
+        known = ", ".join(list(MODELS) + (["a torchvision model name"] if torchvision_names() else []))
+        raise UnknownArch(f"unknown --arch {arch!r}: use {known}, or package.module:factory")
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    """A fresh model: a name of MODELS, ``package.module:factory``, or a torchvision name."""
+    check_arch(arch)
+    if arch in MODELS:
+        return MODELS[arch](num_classes=num_classes)
+    if ":" in arch:
+        module_name, _, factory_name = arch.partition(":")
+        return getattr(importlib.import_module(module_name), factory_name)(num_classes=num_classes)
+    import torchvision.models
+
+    return torchvision.models.get_model(arch, num_classes=num_classes)
