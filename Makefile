@@ -12,12 +12,13 @@ PYTHON      ?= python3
 VENV        ?= .venv
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
+DEMO_ARGS   ?=
 BIN         := $(VENV)/bin
 
 .PHONY: demo test bench clean
 
 demo: $(VENV)/.ready
-	$(BIN)/python -m tools.demo
+	$(BIN)/python -m tools.demo $(DEMO_ARGS)
 
 test: $(VENV)/.ready
 	$(BIN)/python -m pytest -q

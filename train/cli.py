@@ -49,7 +49,7 @@ def processes_options(command):
     command = click.option("--gpus", type=click.IntRange(min=1), default=None,
                            help="Local GPUs, one process each (NCCL).  [default: all]")(command)
     return click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
-                        help="[default: cuda when a GPU is present, else cpu]")(command)
+                        help="Where the processes compute.  [default: cuda when a GPU is present, else cpu]")(command)
 
 
 def resolve_processes(device, gpus, nproc) -> tuple[str, int]:
@@ -93,7 +93,8 @@ def main():
 @main.command()
 @click.argument("shards", required=False, type=click.Path(file_okay=False))
 @click.option("--preset", type=click.Choice(["paper", "demo"]), default="paper", show_default=True,
-              help="Starting values; options given explicitly override them. demo: minutes on a CPU.")
+              help="Starting values; options given explicitly override them. demo (minutes on a CPU): "
+                   "alexnet-owt, --crop 112, --batch-size 16, --schedule cosine, --warmup-epochs 1, --epochs 8.")
 @click.option("--out", help="Run folder.  [default: runs/<arch>]")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path),
               help="Continue the run in this folder from its last.pt (its config; --epochs may grow).")

@@ -153,7 +153,8 @@ def train_epoch(net, loader, optimizer, schedule, scaler, config, context, epoch
 
     net.train()
     total, count = torch.zeros((), device=context.device), 0
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not context.main,
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
+               disable=None if context.main else True,  # None: only on a terminal; logs get the epoch lines
                dynamic_ncols=True, leave=False)
     window_start, window_images = time.perf_counter(), 0
     for images, labels in loader:
