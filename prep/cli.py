@@ -88,7 +88,11 @@ def shard(src, out, size, policy, encoding, quality, shard_size, seed, max_pixel
     SRC layouts:
       SRC/train/<wnid>/*  and  SRC/val/<wnid>/*
       SRC/train/<wnid>/*  and  a flat SRC/val/* with --val-labels FILE
-    Class names come from SRC/LOC_synset_mapping.txt, synset_words.txt or words.txt if present.
+      SRC/ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, ILSVRC2012_devkit_t12.tar.gz
+          (read in place, never extracted; validation labels from the devkit)
+      SRC/ILSVRC/Data/CLS-LOC/{train,val} with SRC/LOC_val_solution.csv (Kaggle)
+    Class names come from SRC/LOC_synset_mapping.txt, synset_words.txt or words.txt (or the
+    devkit) if present.
 
     Every image is decoded as RGB whatever it is (CMYK, greyscale, palette, alpha, 16-bit, a PNG
     named .JPEG), resized with antialiased bicubic resampling and cut per --policy. EXIF
@@ -99,14 +103,14 @@ def shard(src, out, size, policy, encoding, quality, shard_size, seed, max_pixel
     """
     from prep.job import run_shard_job
     from prep.plan import ShardOptions
-    from prep.sources import scan_tree
+    from prep.sources import scan_source
 
     options = ShardOptions(size=size, policy=policy, encoding=encoding, quality=quality,
                            shard_size=shard_size, seed=seed, max_pixels=max_pixels)
     workers = workers or available_cores()
     settings = " ".join(f"{k}={v}" for k, v in options.as_dict().items())
     click.echo(f"imgprep shard {src} -> {out}  ({settings} workers={workers})")
-    dataset = scan_tree(src, val_labels)
+    dataset = scan_source(src, val_labels)
     found = ", ".join(f"{len(items):,} {split}" for split, items in dataset.splits.items())
     click.echo(f"found {found} files in {len(dataset.classes):,} classes; "
                f"{len(dataset.rejects):,} left out while scanning")

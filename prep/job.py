@@ -184,11 +184,12 @@ def _finished_records(out: Path, tasks: list[ShardTask]) -> dict:
 # ----------------------------------------------------------------------------- execution
 
 _progress_counter = None  # a shared integer in each worker process: images handled so far
+_reader = None  # the source's reader, handed to each worker once (an archive's holds a large index)
 
 
-def _init_worker(counter) -> None:
-    global _progress_counter
-    _progress_counter = counter
+def _init_worker(counter, reader) -> None:
+    global _progress_counter, _reader
+    _progress_counter, _reader = counter, reader
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     import torch
 
@@ -201,8 +202,8 @@ def _count_image() -> None:
 
 
 def _run_task(args) -> dict:
-    task, reader, out, options = args
-    return build_shard(task, reader, out, options, on_image=_count_image)
+    task, out, options = args
+    return build_shard(task, _reader, out, options, on_image=_count_image)
 
 
 def _execute(pending, dataset, out, options, workers, tasks, progress):
@@ -214,12 +215,12 @@ def _execute(pending, dataset, out, options, workers, tasks, progress):
     workers = max(1, min(workers, len(pending)))
     counter = multiprocessing.Value("q", 0)
     # The pool forks before tqdm starts its monitor thread: forking a threaded process is unsafe.
-    pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(counter,))
+    pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(counter, dataset.reader))
     total = sum(len(t.items) for t in tasks)
     bar = tqdm(total=total, initial=total - sum(len(t.items) for t in pending), unit="img",
                desc="shard", disable=not progress, smoothing=0.1, dynamic_ncols=True)
     try:
-        results = pool.imap_unordered(_run_task, [(t, dataset.reader, out, options) for t in pending])
+        results = pool.imap_unordered(_run_task, [(t, out, options) for t in pending])
         seen = 0
         for _ in pending:
             while True:

@@ -1,6 +1,8 @@
 """Find the images of a source dataset and their labels.
 
-Layouts understood (SRC is the folder given to ``imgprep shard``)::
+Layouts understood (SRC is the folder given to ``imgprep shard``); the ILSVRC-2012 archives
+(``prep.archives``) and Kaggle's ``SRC/ILSVRC/Data/CLS-LOC`` folder with
+``SRC/LOC_val_solution.csv`` are recognised too::
 
     SRC/train/<wnid>/<image>          one folder per class; the class list comes from here
     SRC/val/<wnid>/<image>            the same layout for validation, or
@@ -72,8 +74,26 @@ class Dataset:
         return {c.wnid: c.index for c in self.classes}
 
 
-def scan_tree(root: str | os.PathLike, val_labels: str | os.PathLike | None = None) -> Dataset:
-    """Scan an extracted ImageNet-style tree; raises SourceError when the layout is unusable."""
+def scan_source(root: str | os.PathLike, val_labels: str | os.PathLike | None = None) -> Dataset:
+    """Any layout we know: the ILSVRC-2012 archives, Kaggle's ILSVRC folder, or a plain tree."""
+    root = Path(root).expanduser()
+    from prep.archives import is_ilsvrc_archive, scan_archives
+
+    if is_ilsvrc_archive(root):
+        return scan_archives(root, val_labels)
+    kaggle = root / "ILSVRC" / "Data" / "CLS-LOC"
+    if (kaggle / "train").is_dir():
+        solution = root / "LOC_val_solution.csv"
+        return scan_tree(kaggle, val_labels or (solution if solution.is_file() else None), names_root=root)
+    return scan_tree(root, val_labels)
+
+
+def scan_tree(root: str | os.PathLike, val_labels: str | os.PathLike | None = None,
+              names_root: str | os.PathLike | None = None) -> Dataset:
+    """Scan an extracted ImageNet-style tree; raises SourceError when the layout is unusable.
+
+    ``names_root`` is where to look for the synset-names file, when not in ``root`` (Kaggle).
+    """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise SourceError(f"source folder {root} does not exist or is not a folder")
@@ -86,7 +106,7 @@ def scan_tree(root: str | os.PathLike, val_labels: str | os.PathLike | None = No
         raise SourceError(f"{train_dir} has no class folders (expected {train_dir}/<class>/<images>)")
     if len(wnids) > MAX_CLASSES:
         raise SourceError(f"{train_dir} has {len(wnids)} classes; at most {MAX_CLASSES} fit int16 labels")
-    names = read_class_names(root)
+    names = read_class_names(Path(names_root) if names_root else root)
     classes = tuple(ClassInfo(i, w, names.get(w, "")) for i, w in enumerate(wnids))
     index = {c.wnid: c.index for c in classes}
 
@@ -101,7 +121,7 @@ def scan_tree(root: str | os.PathLike, val_labels: str | os.PathLike | None = No
             splits["val"] = _scan_flat_folder(root, "val", labels, index, rejects)
         elif any(entry.is_dir() for entry in os.scandir(val_dir)):
             splits["val"] = _scan_class_folders(root, "val", index, rejects)
-        elif any(_is_image_name(e.name) for e in os.scandir(val_dir)):
+        elif any(is_image_name(e.name) for e in os.scandir(val_dir)):
             raise SourceError(
                 f"{val_dir} holds images but no class folders: give --val-labels FILE "
                 "(lines 'filename wnid', or a CSV with those two columns)"
@@ -151,7 +171,7 @@ def read_val_labels(path: str | os.PathLike) -> dict[str, str]:
     return labels
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
@@ -177,7 +197,7 @@ def _scan_class_folders(root: Path, split: str, index: dict[str, int], rejects: 
             continue
         label = index.get(entry.name)
         for key in _walk_files(Path(entry.path), root):
-            if not _is_image_name(key):
+            if not is_image_name(key):
                 rejects.append(Reject(split, key, _extension_reason(key)))
             elif label is None:
                 rejects.append(Reject(split, key, f"class folder '{entry.name}' is not in train/"))
@@ -191,7 +211,7 @@ def _scan_flat_folder(root, split, labels: dict[str, str], index: dict[str, int]
     for key in _walk_files(root / split, root):
         name = key.split("/", 1)[1]
         wnid = labels.get(name) or labels.get(os.path.splitext(name)[0])
-        if not _is_image_name(key):
+        if not is_image_name(key):
             rejects.append(Reject(split, key, _extension_reason(key)))
         elif wnid is None:
             rejects.append(Reject(split, key, "no label for this file in the validation labels"))

@@ -104,27 +104,52 @@ def replicated_tree(corpus: Path, copies: int) -> Path:
     return root
 
 
-def job_rows(corpus: Path, workers: list[int], shard_size: int, copies: int):
-    """Rows (workers, img/s, speed-up over 1 worker, efficiency) of the whole shard job, raw output."""
+def archive_of(tree: Path) -> Path:
+    """The ILSVRC layout of a tree: ILSVRC2012_img_train.tar holding one tar per class."""
+    import io
+    import tarfile
+
+    root = Path(tempfile.mkdtemp(prefix="bench-archive-"))
+    with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:
+        for folder in sorted((tree / "train").iterdir()):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as archive:
+                for path in sorted(folder.iterdir()):
+                    archive.add(path.resolve(), arcname=path.name)
+            info = tarfile.TarInfo(f"{folder.name}.tar")
+            info.size = inner.tell()
+            inner.seek(0)
+            outer.addfile(info, inner)
+    return root
+
+
+def shard_rate(source: Path, workers: int, shard_size: int) -> float:
+    """img/s of the whole ``imgprep shard`` job on ``source`` (raw output, then deleted)."""
     from prep.job import run_shard_job
     from prep.plan import ShardOptions
-    from prep.sources import scan_tree
+    from prep.sources import scan_source
 
-    tree = replicated_tree(corpus, copies)
-    dataset = scan_tree(tree)
-    rows = []
+    out = Path(tempfile.mkdtemp(prefix="bench-shard-"))
     try:
-        for n in workers:
-            out = Path(tempfile.mkdtemp(prefix="bench-shard-"))
-            try:
-                summary = run_shard_job(dataset, out, ShardOptions(shard_size=shard_size), n, progress=False)
-                rows.append([n, sum(summary.counts.values()) / summary.seconds])
-            finally:
-                shutil.rmtree(out)
+        summary = run_shard_job(scan_source(source), out, ShardOptions(shard_size=shard_size), workers, progress=False)
+        return sum(summary.counts.values()) / summary.seconds
+    finally:
+        shutil.rmtree(out)
+
+
+def job_rows(corpus: Path, workers: list[int], shard_size: int, copies: int):
+    """Rows (workers, img/s, speed-up over 1 worker, efficiency) of the whole shard job from a
+    tree, and (tree img/s, archive img/s) at the largest worker count."""
+    tree = replicated_tree(corpus, copies)
+    archive = archive_of(tree)
+    try:
+        rows = [[n, shard_rate(tree, n, shard_size)] for n in workers]
+        sources = (shard_rate(tree, max(workers), shard_size), shard_rate(archive, max(workers), shard_size))
     finally:
         shutil.rmtree(tree)
+        shutil.rmtree(archive)
     base = next((r[1] for r in rows if r[0] == 1), rows[0][1] / rows[0][0])
-    return [[n, rate, rate / base, rate / base / n] for n, rate in rows]
+    return [[n, rate, rate / base, rate / base / n] for n, rate in rows], sources
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -153,9 +178,14 @@ def main(corpus, images, workers, shard_size, job_copies, repeats, markdown):
         lines.append(f"| {name} | {rate:.0f} | {ratio:.2f}x | {mean:.2f} | {low:.2f} | {small_rate:.0f} | {large_rate:.0f} |")
     lines += ["", f"| `imgprep shard` workers ({job_copies} x {len(files)} files, raw) | img/s | vs 1 worker "
               "| per-worker efficiency | per worker vs Pillow pixels only |", "|---|---|---|---|---|"]
-    job = job_rows(corpus, [int(w) for w in workers.split(",")], shard_size, job_copies)
+    counts = [int(w) for w in workers.split(",")]
+    job, (from_tree, from_archive) = job_rows(corpus, counts, shard_size, job_copies)
     for n, rate, speedup, efficiency in job:
         lines.append(f"| {n} | {rate:.0f} | {speedup:.2f}x | {efficiency:.0%} | {rate / n / pixels[0][1]:.2f}x |")
+    lines += ["", f"| source of the same files ({max(counts)} workers) | img/s | vs tree |", "|---|---|---|",
+              f"| extracted tree | {from_tree:.0f} | 1.00x |",
+              f"| ILSVRC2012_img_train.tar of per-class tars, read in place | {from_archive:.0f} | "
+              f"{from_archive / from_tree:.2f}x |"]
     report("\n".join(lines), markdown)
 
 

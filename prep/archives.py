@@ -1,0 +1,213 @@
+"""ILSVRC-2012 as downloaded: images read straight out of the archives, labels from the devkit.
+
+    SRC/ILSVRC2012_img_train.tar        a tar of 1000 per-class tars, n01440764.tar ...
+    SRC/ILSVRC2012_img_val.tar          50,000 flat JPEGs, ILSVRC2012_val_00000001.JPEG ...
+    SRC/ILSVRC2012_devkit_t12.tar.gz    data/meta.mat, data/ILSVRC2012_validation_ground_truth.txt
+
+Nothing is extracted. A scan reads only the tar headers and records where each member's bytes
+lie (archive, offset, size); workers then read those bytes with one seek and one read. Member
+names are keys, never paths: an image gets the key it would have in the extracted tree
+(``train/<wnid>/<name>``, ``val/<name>``), so an archive and its extracted tree give
+byte-identical shards.
+
+Validation labels: the ground-truth file lists one ILSVRC2012_ID per validation image, in
+file-name order; meta.mat maps ILSVRC2012_ID to WordNet id. Those ids are *not* our class
+indices (sorted wnids, the torchvision convention): the wnid is the bridge.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from prep.errors import BadImage, SourceError
+from prep.sources import MAX_CLASSES, ClassInfo, Dataset, Reject, is_image_name, read_class_names, read_val_labels
+
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+VAL_TAR = "ILSVRC2012_img_val.tar"
+DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
+
+
+@dataclass(frozen=True)
+class ArchiveReader:
+    """Reads one image from its archive by the offset the scan recorded; picklable."""
+
+    archives: dict  # split -> absolute path of its tar
+    index: dict  # key -> (split, byte offset of the member's data, size in bytes)
+
+    def read(self, key: str, max_bytes: int) -> bytes:
+        split, offset, size = self.index[key]
+        if size > max_bytes:  # refused before reading a byte of it
+            raise BadImage(f"file too large: over {max_bytes:,} bytes")
+        with open(self.archives[split], "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+
+class _Window(io.RawIOBase):
+    """bytes [start, start + size) of an open file, as a seekable file (an inner tar)."""
+
+    def __init__(self, file, start: int, size: int):
+        self.file, self.start, self.size, self.position = file, start, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.position
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, min(self.size, base + offset))
+        return self.position
+
+    def readinto(self, buffer):
+        count = min(len(buffer), self.size - self.position)
+        self.file.seek(self.start + self.position)
+        data = self.file.read(count)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+def is_ilsvrc_archive(root: Path) -> bool:
+    return (root / TRAIN_TAR).is_file()
+
+
+def scan_archives(root: Path, val_labels=None) -> Dataset:
+    root = Path(root).expanduser().resolve()
+    index, rejects, items_by_wnid = {}, [], {}
+    with open(root / TRAIN_TAR, "rb") as f:
+        try:
+            outer = tarfile.open(fileobj=f, mode="r:")
+            for member in outer:
+                _index_class_tar(f, member, index, rejects, items_by_wnid)
+        except tarfile.TarError as error:
+            raise SourceError(f"{root / TRAIN_TAR} is not a readable tar: {error}") from None
+    wnids = sorted(items_by_wnid)
+    if not wnids:
+        raise SourceError(f"{root / TRAIN_TAR} holds no per-class tars (expected n01440764.tar ...)")
+    if len(wnids) > MAX_CLASSES:
+        raise SourceError(f"{root / TRAIN_TAR} has {len(wnids)} classes; at most {MAX_CLASSES} fit int16 labels")
+    devkit = _read_devkit(root)
+    names = devkit["names"] if devkit else read_class_names(root)
+    classes = tuple(ClassInfo(i, w, names.get(w, "")) for i, w in enumerate(wnids))
+    label_of = {c.wnid: c.index for c in classes}
+    splits = {"train": tuple(sorted((key, label_of[w]) for w, keys in items_by_wnid.items() for key in keys))}
+    archives = {"train": str(root / TRAIN_TAR)}
+    if (root / VAL_TAR).is_file():
+        archives["val"] = str(root / VAL_TAR)
+        splits["val"] = _scan_val(root, val_labels, devkit, label_of, index, rejects)
+    return Dataset(str(root), classes, splits, tuple(rejects), ArchiveReader(archives, index))
+
+
+def _index_class_tar(f, member, index, rejects, items_by_wnid) -> None:
+    """Record the images of one per-class tar inside the training archive."""
+    name = PurePosixPath(member.name)
+    if member.isdir():
+        return
+    if not member.isfile() or name.suffix != ".tar" or len(name.parts) != 1:
+        rejects.append(Reject("train", f"train/{member.name}", "not a per-class tar (n01440764.tar ...); not read"))
+        return
+    wnid = name.stem
+    keys = items_by_wnid.setdefault(wnid, [])
+    try:
+        inner = tarfile.open(fileobj=_Window(f, member.offset_data, member.size), mode="r:")
+        for image in inner:
+            key = f"train/{wnid}/{image.name}"
+            reason = _member_problem(image)
+            if reason:
+                rejects.append(Reject("train", key, reason))
+            else:
+                index[key] = ("train", member.offset_data + image.offset_data, image.size)
+                keys.append(key)
+    except tarfile.TarError as error:
+        rejects.append(Reject("train", f"train/{member.name}", f"unreadable per-class tar: {error}"))
+
+
+def _member_problem(member) -> str | None:
+    """Why a member cannot be an image, or None. Names are only checked, never used as paths."""
+    path = PurePosixPath(member.name)
+    if member.isdir():
+        return "a folder inside a per-class tar"
+    if not member.isfile():
+        return "not a regular file (link or device)"
+    if path.is_absolute() or ".." in path.parts:
+        return "unsafe member name"
+    if path.suffix.lower() == ".tar":
+        return "a nested archive inside a per-class tar; not read"
+    if not is_image_name(member.name):
+        return f"not an image file (extension '{path.suffix}')" if path.suffix else "not an image file (no extension)"
+    return None
+
+
+def _scan_val(root, val_labels, devkit, label_of, index, rejects) -> tuple:
+    """The flat validation archive, labelled by --val-labels or by the devkit."""
+    members = []
+    with open(root / VAL_TAR, "rb") as f:
+        try:
+            for member in tarfile.open(fileobj=f, mode="r:"):
+                key = f"val/{member.name}"
+                reason = _member_problem(member) if not member.isdir() else None
+                if reason:
+                    rejects.append(Reject("val", key, reason))
+                elif member.isfile():
+                    index[key] = ("val", member.offset_data, member.size)
+                    members.append(member.name)
+        except tarfile.TarError as error:
+            raise SourceError(f"{root / VAL_TAR} is not a readable tar: {error}") from None
+    members.sort()
+    if val_labels is not None:
+        labels = read_val_labels(val_labels)
+        wnid_of = {m: labels.get(m) or labels.get(os.path.splitext(m)[0]) for m in members}
+    elif devkit is not None:
+        if len(devkit["ground_truth"]) != len(members):
+            raise SourceError(f"the devkit's ground truth has {len(devkit['ground_truth'])} labels for "
+                              f"{len(members)} images in {root / VAL_TAR}")
+        wnid_of = {m: devkit["wnid_of_id"].get(i) for m, i in zip(members, devkit["ground_truth"])}
+    else:
+        raise SourceError(f"{root / VAL_TAR} holds a flat validation set without labels: add {DEVKIT} to {root}, "
+                          "or give --val-labels FILE")
+    items = []
+    for member in members:
+        key, wnid = f"val/{member}", wnid_of[member]
+        if wnid is None:
+            rejects.append(Reject("val", key, "no label for this file"))
+        elif wnid not in label_of:
+            rejects.append(Reject("val", key, f"label '{wnid}' is not a class of the training archive"))
+        else:
+            items.append((key, label_of[wnid]))
+    return tuple(items)
+
+
+def _read_devkit(root: Path) -> dict | None:
+    """{"names": wnid -> words, "wnid_of_id": ILSVRC2012_ID -> wnid, "ground_truth": [ids]} or None."""
+    path = root / DEVKIT
+    if not path.is_file():
+        return None
+    import scipy.io
+
+    try:
+        with tarfile.open(path, "r:gz") as devkit:
+            files = {PurePosixPath(m.name).name: m for m in devkit.getmembers() if m.isfile()}
+            missing = [n for n in ("meta.mat", "ILSVRC2012_validation_ground_truth.txt") if n not in files]
+            if missing:
+                raise SourceError(f"{path} has no {' or '.join(missing)}; add the ILSVRC2012 devkit, "
+                                  "or give --val-labels FILE")
+            meta = devkit.extractfile(files["meta.mat"]).read()
+            truth = devkit.extractfile(files["ILSVRC2012_validation_ground_truth.txt"]).read().decode()
+    except (tarfile.TarError, OSError) as error:
+        raise SourceError(f"{path} is not a readable devkit: {error}") from None
+    synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+    leaves = [s for s in synsets if int(s["num_children"]) == 0]
+    return {
+        "names": {str(s["WNID"]): str(s["words"]) for s in leaves},
+        "wnid_of_id": {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves},
+        "ground_truth": [int(line) for line in truth.split()],
+    }

@@ -1,0 +1,161 @@
+"""Sharding straight from ILSVRC-2012-style archives and from Kaggle's layout."""
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+
+from conftest import run_cli
+from tools.fake_imagenet import WNIDS, make_fake_imagenet
+
+
+def add_file(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def tar_bytes(files: dict) -> bytes:
+    """A tar of name -> bytes (a regular file) or name -> TarInfo (a member without data)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in files.items():
+            archive.addfile(data) if isinstance(data, tarfile.TarInfo) else add_file(archive, name, data)
+    return buffer.getvalue()
+
+
+def write_devkit(path: Path, wnids: list[str], val_wnids: list[str], ids: dict) -> None:
+    """A devkit tar.gz whose meta.mat is written by scipy, as the real one is read."""
+    synsets = np.zeros(len(wnids) + 2, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"),
+                                              ("num_children", "O"), ("wordnet_height", "O"), ("num_train_images", "O")])
+    names = dict(WNIDS)
+    for row, wnid in enumerate(wnids):
+        synsets[row] = (ids[wnid], wnid, names[wnid], "a gloss", 0, 0, 10)
+    synsets[len(wnids)] = (len(wnids) + 1, "n00001740", "entity", "the root", 2, 18, 0)  # not a leaf: ignored
+    synsets[len(wnids) + 1] = (len(wnids) + 2, "n00002137", "abstraction", "", 5, 17, 0)
+    meta = io.BytesIO()
+    scipy.io.savemat(meta, {"synsets": synsets})
+    truth = "".join(f"{ids[w]}\n" for w in val_wnids).encode()
+    with tarfile.open(path, "w:gz") as devkit:
+        add_file(devkit, "ILSVRC2012_devkit_t12/data/meta.mat", meta.getvalue())
+        add_file(devkit, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", truth)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """An extracted tree: 3 classes, flat val with a labels file."""
+    return make_fake_imagenet(tmp_path_factory.mktemp("tree") / "src", classes=3, train_per_class=6,
+                              val_per_class=3, flat_val=True, awkward=False, large_fraction=0)
+
+
+def make_archives(tree: Path, root: Path, extra_train=None, extra_class=None, devkit=True) -> Path:
+    """The ILSVRC archives of ``tree``; the devkit's ids run in reverse wnid order."""
+    root.mkdir(parents=True)
+    wnids = sorted(p.name for p in (tree / "train").iterdir() if p.is_dir())
+    outer = {}
+    for wnid in wnids:
+        files = {p.name: p.read_bytes() for p in sorted((tree / "train" / wnid).iterdir())}
+        if wnid == wnids[0] and extra_class:
+            files.update(extra_class)
+        outer[f"{wnid}.tar"] = tar_bytes(files)
+    outer.update(extra_train or {})
+    (root / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes(outer))
+    val = sorted((tree / "val").iterdir())
+    (root / "ILSVRC2012_img_val.tar").write_bytes(tar_bytes({p.name: p.read_bytes() for p in val}))
+    if devkit:
+        labels = dict(line.split() for line in (tree / "val_labels.txt").read_text().splitlines())
+        ids = {w: len(wnids) - i for i, w in enumerate(wnids)}  # n01440764 -> 3: not the sorted index
+        write_devkit(root / "ILSVRC2012_devkit_t12.tar.gz", wnids, [labels[p.name] for p in val], ids)
+    return root
+
+
+def shard_hashes(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.glob("*/*.h5"))}
+
+
+def shard(source, out, *extra):
+    result = run_cli(["shard", str(source), "--out", str(out), "--shard-size", "5", "--quiet", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "manifest.json").read_text())
+
+
+def test_archives_give_the_same_shards_as_the_extracted_tree(tree, tmp_path):
+    archives = make_archives(tree, tmp_path / "ilsvrc")
+    from_tree = tmp_path / "from-tree"
+    shard(tree, from_tree, "--val-labels", str(tree / "val_labels.txt"))
+    manifest = shard(archives, tmp_path / "from-archives")
+    assert shard_hashes(tmp_path / "from-archives") == shard_hashes(from_tree)
+    assert manifest["splits"]["val"]["count"] == 9 and manifest["splits"]["train"]["count"] == 18
+    assert manifest["classes"][0] == {"index": 0, "wnid": "n01440764", "name": "tench, Tinca tinca"}
+
+
+def test_devkit_ids_are_mapped_through_wnids(tree, tmp_path):
+    # The devkit numbers the classes in reverse; labels must still be sorted-wnid indices.
+    from prep.shards import open_shards
+
+    shard(make_archives(tree, tmp_path / "ilsvrc"), tmp_path / "out")
+    val = open_shards(tmp_path / "out").split("val")
+    for i in range(len(val)):  # generated val names encode the class: ILSVRC2012_val_<label:03d><i:05d>
+        assert val[i][1] == int(val.key(i).split("_val_")[1][:3])
+
+
+def test_kaggle_layout(tree, tmp_path):
+    import shutil
+
+    root = tmp_path / "kaggle"
+    shutil.copytree(tree / "train", root / "ILSVRC/Data/CLS-LOC/train")
+    shutil.copytree(tree / "val", root / "ILSVRC/Data/CLS-LOC/val")
+    rows = [line.split() for line in (tree / "val_labels.txt").read_text().splitlines()]
+    (root / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\n" + "".join(f"{n[:-5]},{w} 10 20 200 220 {w} 1 2 3 4\n" for n, w in rows))
+    shutil.copy(tree / "LOC_synset_mapping.txt", root / "LOC_synset_mapping.txt")
+    manifest = shard(root, tmp_path / "from-kaggle")
+    shard(tree, tmp_path / "from-tree", "--val-labels", str(tree / "val_labels.txt"))
+    assert shard_hashes(tmp_path / "from-kaggle") == shard_hashes(tmp_path / "from-tree")
+    assert manifest["classes"][1]["name"].startswith("goldfish")
+
+
+def test_bad_members_are_rejected_not_read(tree, tmp_path):
+    link = tarfile.TarInfo("link.JPEG")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    archives = make_archives(
+        tree, tmp_path / "ilsvrc",
+        extra_train={"README.txt": b"hello", "extra/n09999999.tar": tar_bytes({"a.JPEG": b"x"})},
+        extra_class={"inner.tar": tar_bytes({"a.JPEG": b"x"}), "../escape.JPEG": b"x", "notes.txt": b"x",
+                     "huge.JPEG": b"\xff" * 5_000_000, "link.JPEG": link})
+    out = tmp_path / "out"
+    shard(archives, out, "--max-pixels", "310000")  # caps files at 8 x 310,000 + 1 MiB = 3.5 MB
+    rejects = {r["path"]: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    first = "train/n01440764"
+    assert rejects["train/README.txt"].startswith("not a per-class tar")
+    assert rejects["train/extra/n09999999.tar"].startswith("not a per-class tar")
+    assert rejects[f"{first}/inner.tar"] == "a nested archive inside a per-class tar; not read"
+    assert rejects[f"{first}/link.JPEG"] == "not a regular file (link or device)"
+    assert rejects[f"{first}/../escape.JPEG"] == "unsafe member name"
+    assert rejects[f"{first}/notes.txt"] == "not an image file (extension '.txt')"
+    assert rejects[f"{first}/huge.JPEG"].startswith("file too large")
+    assert not list(out.rglob("escape*")) and not (tmp_path / "escape.JPEG").exists()
+
+
+def test_flat_val_archive_without_labels_says_what_to_add(tree, tmp_path):
+    archives = make_archives(tree, tmp_path / "ilsvrc", devkit=False)
+    result = run_cli(["shard", str(archives), "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 1
+    assert "holds a flat validation set without labels: add ILSVRC2012_devkit_t12.tar.gz" in result.output
+    assert "--val-labels FILE" in result.output and "Traceback" not in result.output
+    labels_given = shard(archives, tmp_path / "with-labels", "--val-labels", str(tree / "val_labels.txt"))
+    assert labels_given["splits"]["val"]["count"] == 9
+
+
+def test_devkit_without_ground_truth(tree, tmp_path):
+    archives = make_archives(tree, tmp_path / "ilsvrc", devkit=False)
+    with tarfile.open(archives / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as devkit:
+        add_file(devkit, "ILSVRC2012_devkit_t12/data/meta.mat", b"")
+    result = run_cli(["shard", str(archives), "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 1 and "has no ILSVRC2012_validation_ground_truth.txt" in result.output
