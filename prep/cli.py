@@ -75,13 +75,17 @@ def main():
 @click.option("--workers", default=None, type=int, help="Processes.  [default: all cores]")
 @click.option("--val-labels", type=click.Path(dir_okay=False, path_type=Path),
               help="Labels for a flat SRC/val: lines 'filename wnid', or a CSV with those two columns.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: a process pool of --workers. ray: the same tasks on a Ray cluster (pip install "
+                   "'imgprep[ray]'); every worker must see SRC and --out at the same paths.")
+@click.option("--ray-address", help="Ray cluster to join ('auto': the running one; default: start a local one).")
 @click.option("--overwrite", is_flag=True,
               help="First delete what imgprep wrote in --out (shards, manifest, rejects, stats); "
                    "needed when --out holds shards made with other options or from another source.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @report_errors
-def shard(src, out, size, policy, encoding, quality, shard_size, seed, max_pixels, workers, val_labels,
-          overwrite, quiet):
+def shard(src, out, size, policy, encoding, quality, shard_size, seed, max_pixels, workers, val_labels, engine,
+          ray_address, overwrite, quiet):
     """Resize every image of SRC into HDF5 shards in --out.
 
     \b
@@ -109,12 +113,14 @@ def shard(src, out, size, policy, encoding, quality, shard_size, seed, max_pixel
                            shard_size=shard_size, seed=seed, max_pixels=max_pixels)
     workers = workers or available_cores()
     settings = " ".join(f"{k}={v}" for k, v in options.as_dict().items())
-    click.echo(f"imgprep shard {src} -> {out}  ({settings} workers={workers})")
+    click.echo(f"imgprep shard {src} -> {out}  ({settings} " + (f"workers={workers})" if engine == "local"
+                                                                  else f"engine=ray address={ray_address or 'local'})"))
     dataset = scan_source(src, val_labels)
     found = ", ".join(f"{len(items):,} {split}" for split, items in dataset.splits.items())
     click.echo(f"found {found} files in {len(dataset.classes):,} classes; "
                f"{len(dataset.rejects):,} left out while scanning")
-    summary = run_shard_job(dataset, out, options, workers, overwrite, progress=not quiet)
+    summary = run_shard_job(dataset, out, options, workers, overwrite, progress=not quiet, engine=engine,
+                            ray_address=ray_address)
     written = ", ".join(f"{n:,} {split}" for split, n in summary.counts.items())
     if summary.already_complete:
         click.echo(f"{out} is already complete ({written} images); nothing to do")

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
-import multiprocessing
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from prep import __version__
 from prep.atomic import TMP_SUFFIX, atomic_write_text
-from prep.build import JOURNAL, build_shard, record_path
+from prep.build import JOURNAL, record_path
+from prep.engines import run_local, run_ray
 from prep.errors import OutputError, PrepError, ShardFormatError
 from prep.plan import ShardOptions, ShardTask, make_plan, plan_fingerprint
 from prep.shards import (MANIFEST, MANIFEST_FORMAT, MEAN_IMAGE, REJECTS, STATS, VERSION, read_manifest,
@@ -45,7 +45,9 @@ class ShardSummary:
 
 
 def run_shard_job(dataset: Dataset, out, options: ShardOptions, workers: int, overwrite: bool = False,
-                  progress: bool = True) -> ShardSummary:
+                  progress: bool = True, engine: str = "local", ray_address: str | None = None) -> ShardSummary:
+    """Shard ``dataset`` into ``out``; ``engine`` "local" (a process pool of ``workers``) or
+    "ray" (the tasks on a Ray cluster, see ``prep.engines``) run the same plan."""
     started = time.perf_counter()
     out = Path(out).expanduser().absolute()
     tasks = make_plan(dataset, options)
@@ -56,7 +58,10 @@ def run_shard_job(dataset: Dataset, out, options: ShardOptions, workers: int, ov
         _prepare_output(out, identity, overwrite)
         done = _finished_records(out, tasks)
         pending = [t for t in tasks if (t.split, t.index) not in done]
-        for record in _execute(pending, dataset, out, options, workers, tasks, progress):
+        total = sum(len(t.items) for t in tasks)
+        bar_start = total - sum(len(t.items) for t in pending)
+        execute = run_local if engine == "local" else functools.partial(run_ray, address=ray_address)
+        for record in execute(pending, dataset.reader, out, options, workers, (bar_start, total, progress)):
             done[(record["split"], record["index"])] = record
         manifest = _finish(out, dataset, tasks, done, identity)
         return _summary(out, manifest, started, resumed=len(tasks) - len(pending))
@@ -179,75 +184,6 @@ def _finished_records(out: Path, tasks: list[ShardTask]) -> dict:
             if record["file"] is None or (out / record["file"]).is_file():
                 done[(task.split, task.index)] = record
     return done
-
-
-# ----------------------------------------------------------------------------- execution
-
-_progress_counter = None  # a shared integer in each worker process: images handled so far
-_reader = None  # the source's reader, handed to each worker once (an archive's holds a large index)
-
-
-def _init_worker(counter, reader) -> None:
-    global _progress_counter, _reader
-    _progress_counter, _reader = counter, reader
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    import torch
-
-    torch.set_num_threads(1)  # one process per core already; threads would only fight
-
-
-def _count_image() -> None:
-    with _progress_counter.get_lock():
-        _progress_counter.value += 1
-
-
-def _run_task(args) -> dict:
-    task, out, options = args
-    return build_shard(task, _reader, out, options, on_image=_count_image)
-
-
-def _execute(pending, dataset, out, options, workers, tasks, progress):
-    """Yield the record of each pending task as it finishes, showing a progress bar."""
-    from tqdm import tqdm
-
-    if not pending:
-        return
-    workers = max(1, min(workers, len(pending)))
-    counter = multiprocessing.Value("q", 0)
-    # The pool forks before tqdm starts its monitor thread: forking a threaded process is unsafe.
-    pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(counter, dataset.reader))
-    total = sum(len(t.items) for t in tasks)
-    bar = tqdm(total=total, initial=total - sum(len(t.items) for t in pending), unit="img",
-               desc="shard", disable=not progress, smoothing=0.1, dynamic_ncols=True)
-    try:
-        results = pool.imap_unordered(_run_task, [(t, out, options) for t in pending])
-        seen = 0
-        for _ in pending:
-            while True:
-                try:
-                    record = results.next(timeout=0.25)
-                    break
-                except multiprocessing.TimeoutError:
-                    seen = _advance(bar, counter, seen)
-            seen = _advance(bar, counter, seen)
-            yield record
-        pool.close()
-    except KeyboardInterrupt:
-        pool.terminate()
-        bar.close()
-        raise PrepError("interrupted; finished shards are kept: rerun the same command to resume") from None
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
-        bar.close()
-
-
-def _advance(bar, counter, seen: int) -> int:
-    now = counter.value
-    bar.update(now - seen)
-    return now
 
 
 # ----------------------------------------------------------------------------- manifest

@@ -123,7 +123,7 @@ def archive_of(tree: Path) -> Path:
     return root
 
 
-def shard_rate(source: Path, workers: int, shard_size: int) -> float:
+def shard_rate(source: Path, workers: int, shard_size: int, engine: str = "local") -> float:
     """img/s of the whole ``imgprep shard`` job on ``source`` (raw output, then deleted)."""
     from prep.job import run_shard_job
     from prep.plan import ShardOptions
@@ -131,25 +131,38 @@ def shard_rate(source: Path, workers: int, shard_size: int) -> float:
 
     out = Path(tempfile.mkdtemp(prefix="bench-shard-"))
     try:
-        summary = run_shard_job(scan_source(source), out, ShardOptions(shard_size=shard_size), workers, progress=False)
+        summary = run_shard_job(scan_source(source), out, ShardOptions(shard_size=shard_size), workers, progress=False,
+                                engine=engine)
         return sum(summary.counts.values()) / summary.seconds
     finally:
         shutil.rmtree(out)
 
 
-def job_rows(corpus: Path, workers: list[int], shard_size: int, copies: int):
+def job_rows(corpus: Path, workers: list[int], shard_size: int, copies: int, with_ray: bool):
     """Rows (workers, img/s, speed-up over 1 worker, efficiency) of the whole shard job from a
-    tree, and (tree img/s, archive img/s) at the largest worker count."""
+    tree; (tree img/s, archive img/s, Ray img/s or None) at the largest worker count."""
     tree = replicated_tree(corpus, copies)
     archive = archive_of(tree)
     try:
         rows = [[n, shard_rate(tree, n, shard_size)] for n in workers]
-        sources = (shard_rate(tree, max(workers), shard_size), shard_rate(archive, max(workers), shard_size))
+        sources = (shard_rate(tree, max(workers), shard_size), shard_rate(archive, max(workers), shard_size),
+                   ray_rate(tree, max(workers), shard_size) if with_ray else None)
     finally:
         shutil.rmtree(tree)
         shutil.rmtree(archive)
     base = next((r[1] for r in rows if r[0] == 1), rows[0][1] / rows[0][0])
     return [[n, rate, rate / base, rate / base / n] for n, rate in rows], sources
+
+
+def ray_rate(tree: Path, cpus: int, shard_size: int) -> float:
+    """The job on a local Ray instance of ``cpus`` CPUs, started before the clock runs."""
+    import ray
+
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        return shard_rate(tree, cpus, shard_size, engine="ray")
+    finally:
+        ray.shutdown()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -160,8 +173,9 @@ def job_rows(corpus: Path, workers: list[int], shard_size: int, copies: int):
 @click.option("--shard-size", default=64, show_default=True, help="Files per shard in the job rows.")
 @click.option("--job-copies", default=4, show_default=True, help="Copies of the corpus the job rows shard.")
 @click.option("--repeats", default=3, show_default=True, help="Timed passes over the files; the best counts.")
+@click.option("--ray/--no-ray", "with_ray", default=None, help="Time the Ray engine too.  [default: when installed]")
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), help="Also write the tables here.")
-def main(corpus, images, workers, shard_size, job_copies, repeats, markdown):
+def main(corpus, images, workers, shard_size, job_copies, repeats, with_ray, markdown):
     """Measure imgprep's shard path against Pillow, per core and across workers."""
     if not corpus_files(corpus):
         click.echo(f"generating a {images}-file corpus in {corpus} ...")
@@ -179,13 +193,20 @@ def main(corpus, images, workers, shard_size, job_copies, repeats, markdown):
     lines += ["", f"| `imgprep shard` workers ({job_copies} x {len(files)} files, raw) | img/s | vs 1 worker "
               "| per-worker efficiency | per worker vs Pillow pixels only |", "|---|---|---|---|---|"]
     counts = [int(w) for w in workers.split(",")]
-    job, (from_tree, from_archive) = job_rows(corpus, counts, shard_size, job_copies)
+    if with_ray is None:
+        import importlib.util
+
+        with_ray = importlib.util.find_spec("ray") is not None
+    job, (from_tree, from_archive, from_ray) = job_rows(corpus, counts, shard_size, job_copies, with_ray)
     for n, rate, speedup, efficiency in job:
         lines.append(f"| {n} | {rate:.0f} | {speedup:.2f}x | {efficiency:.0%} | {rate / n / pixels[0][1]:.2f}x |")
     lines += ["", f"| source of the same files ({max(counts)} workers) | img/s | vs tree |", "|---|---|---|",
               f"| extracted tree | {from_tree:.0f} | 1.00x |",
               f"| ILSVRC2012_img_train.tar of per-class tars, read in place | {from_archive:.0f} | "
               f"{from_archive / from_tree:.2f}x |"]
+    if from_ray:
+        lines.append(f"| extracted tree, --engine ray (local Ray, {max(counts)} CPUs) | {from_ray:.0f} | "
+                     f"{from_ray / from_tree:.2f}x |")
     report("\n".join(lines), markdown)
 
 

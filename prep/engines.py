@@ -1,0 +1,180 @@
+"""Who runs the shard tasks: a local process pool, or a Ray cluster. Both run the same plan
+(``prep.plan``) with the same task function (``prep.build.build_shard``), and yield each task's
+record as it finishes; the job writes the manifest from those records.
+
+Ray, for datasets that outgrow one machine:
+
+    imgprep shard /nfs/imagenet21k --out /nfs/in21k-256 --engine ray --ray-address auto
+
+Every Ray worker must see the source and the output folder at the same paths (shared
+storage) and have imgprep installed. Fault tolerance is Ray's: a task whose worker dies is
+retried; a rerun after the driver dies completes only the missing shards, as locally.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+
+from prep.build import build_shard
+from prep.errors import PrepError
+
+INTERRUPTED = "interrupted; finished shards are kept: rerun the same command to resume"
+
+
+def progress_bar(bar_spec):
+    """A tqdm bar over images; bar_spec = (images already done, total images, enabled)."""
+    from tqdm import tqdm
+
+    initial, total, enabled = bar_spec
+    return tqdm(total=total, initial=initial, unit="img", desc="shard", disable=not enabled, smoothing=0.1,
+                dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- local
+
+_progress_counter = None  # a shared integer in each worker process: images handled so far
+_reader = None  # the source's reader, handed to each worker once (an archive's holds a large index)
+
+
+def _init_worker(counter, reader) -> None:
+    global _progress_counter, _reader
+    _progress_counter, _reader = counter, reader
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    import torch
+
+    torch.set_num_threads(1)  # one process per core already; threads would only fight
+
+
+def _count_image() -> None:
+    with _progress_counter.get_lock():
+        _progress_counter.value += 1
+
+
+def _run_task(args) -> dict:
+    task, out, options = args
+    return build_shard(task, _reader, out, options, on_image=_count_image)
+
+
+def run_local(pending, reader, out, options, workers: int, bar_spec):
+    """Yield the record of each pending task as a local process pool finishes it."""
+    if not pending:
+        return
+    counter = multiprocessing.Value("q", 0)
+    # The pool forks before tqdm starts its monitor thread: forking a threaded process is unsafe.
+    pool = multiprocessing.Pool(max(1, min(workers, len(pending))), initializer=_init_worker,
+                                initargs=(counter, reader))
+    bar = progress_bar(bar_spec)
+    try:
+        results = pool.imap_unordered(_run_task, [(t, out, options) for t in pending])
+        seen = 0
+        for _ in pending:
+            while True:
+                try:
+                    record = results.next(timeout=0.25)
+                    break
+                except multiprocessing.TimeoutError:
+                    seen = _advance(bar, counter.value, seen)
+            seen = _advance(bar, counter.value, seen)
+            yield record
+        pool.close()
+    except KeyboardInterrupt:
+        pool.terminate()
+        raise PrepError(INTERRUPTED) from None
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+        bar.close()
+
+
+def _advance(bar, now: int, seen: int) -> int:
+    bar.update(now - seen)
+    return now
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+def run_ray(pending, reader, out, options, workers: int, bar_spec, address: str | None = None):
+    """Yield the record of each pending task as Ray finishes it. Joins the Ray instance this
+    process already has, else ``ray.init(address)`` (None starts a local one; "auto" finds a
+    running cluster). Ray schedules one task per CPU; ``workers`` does not apply."""
+    try:
+        import ray
+    except ImportError:
+        raise PrepError("--engine ray needs Ray: pip install 'imgprep[ray]' (or pip install ray)") from None
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    if not pending:
+        return
+    counter = _RayProgress.remote()
+    reader_ref = ray.put(reader)  # once into the object store, not once per task
+    waiting = {_ray_task.remote(task, reader_ref, str(out), options, counter): task for task in pending}
+    bar = progress_bar(bar_spec)
+    seen = 0
+    try:
+        while waiting:
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=0.25)
+            seen = _advance(bar, ray.get(counter.value.remote()), seen)
+            for ref in ready:
+                del waiting[ref]
+                yield ray.get(ref)
+    except KeyboardInterrupt:
+        for ref in waiting:
+            ray.cancel(ref, force=True)
+        raise PrepError(INTERRUPTED) from None
+    finally:
+        bar.close()
+
+
+class _Lazy:
+    """A Ray task or actor class made on first use (Ray is an optional extra)."""
+
+    def __init__(self, target, **options):
+        self.target, self.options, self.made = target, options, None
+
+    def remote(self, *args):
+        if self.made is None:
+            import ray
+
+            self.made = ray.remote(**self.options)(self.target)
+        return self.made.remote(*args)
+
+
+class _Progress:
+    """Images handled so far, summed from every task (a retried task counts its images again)."""
+
+    def __init__(self):
+        self.images = 0
+
+    def add(self, images: int) -> None:
+        self.images += images
+
+    def value(self) -> int:
+        return self.images
+
+
+def _shard_task(task, reader, out, options, counter) -> dict:
+    """One shard task on a Ray worker; reports progress every 16 images."""
+    import torch
+
+    torch.set_num_threads(1)
+    pending = [0]
+
+    def count():
+        pending[0] += 1
+        if pending[0] == 16:
+            counter.add.remote(pending[0])
+            pending[0] = 0
+
+    record = build_shard(task, reader, out, options, on_image=count)
+    counter.add.remote(pending[0])
+    return record
+
+
+# max_retries: a task whose worker process dies (killed, out of memory, node lost) runs again;
+# its output is the same bytes, written under a temporary name and renamed, like any task's.
+_RayProgress = _Lazy(_Progress, num_cpus=0)
+_ray_task = _Lazy(_shard_task, num_cpus=1, max_retries=3)
