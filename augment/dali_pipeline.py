@@ -100,6 +100,8 @@ def build_pipeline(source: ShardSource, spec: AugmentSpec, encoding: str, size: 
             image = fn.decoders.image(image, device="mixed" if cuda else "cpu", output_type=types.RGB)
         elif cuda:
             image = image.gpu()
+        if cuda:
+            label = label.gpu()  # the iterator hands out CPU tensors for CPU outputs
         if spec.normalize == "mean-image":
             mean_image = types.Constant(colour.mean_image, layout="HWC", device="gpu" if cuda else "cpu")
             image = fn.cast(image, dtype=types.FLOAT) - mean_image

@@ -68,6 +68,7 @@ class Loader:
         self.epoch, self.position = 0, 0  # next batch to yield: batch `position` of `epoch`
         self._dali = None  # the running DALI stream (an endless iterator) ...
         self._dali_at = None  # ... and the (epoch, batch) its next batch belongs to
+        self._mean_image_tensor = None
 
     def __len__(self) -> int:
         return batches_per_epoch(len(self.reader), self.batch_size, self.rank, self.world_size, self.spec.random)
@@ -85,6 +86,8 @@ class Loader:
         self.epoch, self.position = state["epoch"], state["position"]
 
     def __iter__(self):
+        if len(self) == 0:  # more ranks than evaluation images: this rank has none
+            return
         if self.position >= len(self):  # a finished epoch iterated again repeats it (as torch's samplers do)
             self.position = 0
         batches = self._dali_batches() if self.backend == "dali" else self._torch_batches()
@@ -110,12 +113,15 @@ class Loader:
                 yield ten_crop_batch(pixels, self.spec, self.colour), labels
             else:
                 params = sample_params(self.spec, self.size, self.seed, self.epoch, batch_indices.numpy())
-                yield finish_windows(pixels, params, self.spec, self.colour), labels
+                yield finish_windows(pixels, params, self.spec, self.colour, self._mean_image()), labels
 
     # ------------------------------------------------------------------------- DALI backend
 
     def _dali_batches(self):
-        if self._dali is None or self._dali_at != (self.epoch, self.position):
+        wanted = (self.epoch, self.position)
+        # Evaluation batches do not depend on the epoch: any epoch's stream at this position will do.
+        current = self._dali_at and (self._dali_at if self.spec.random else (self.epoch, self._dali_at[1]))
+        if self._dali is None or current != wanted:
             self._start_dali()
         for _ in range(len(self) - self.position):
             output = next(self._dali)[0]
@@ -140,6 +146,14 @@ class Loader:
                               self.workers)
         self._dali = DALIGenericIterator(pipe, ["images", "labels"], auto_reset=False)
         self._dali_at = (self.epoch, self.position)
+
+    def _mean_image(self):
+        """The mean image as a device tensor, copied there once (mean-image normalisation)."""
+        if self.colour.mean_image is None:
+            return None
+        if self._mean_image_tensor is None:
+            self._mean_image_tensor = torch.as_tensor(self.colour.mean_image, device=self.device)
+        return self._mean_image_tensor
 
     def close(self) -> None:
         """Drop the DALI stream; DALI stops its pipeline and worker processes when it is freed."""

@@ -5,6 +5,7 @@ backends draw the same values, a resumed run redraws exactly what it would have 
 the draw of a sample does not depend on rank, world size, batch size or worker.
 
     key       = SplitMix64(seed) xor SplitMix64(epoch + 2^32) xor SplitMix64(index + 2^33)
+                xor SplitMix64(domain + 2^34)     domain 0: augmentation, 1: epoch order
     u_k       = top 53 bits of SplitMix64(key + k * 0x9E3779B97F4A7C15) / 2^53      in [0, 1)
     x, y      = floor(u_0 * (S - crop + 1)), floor(u_1 * (S - crop + 1))            window corner
     mirror    = u_2 < flip
@@ -41,11 +42,15 @@ def splitmix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def uniforms(seed: int, epoch: int, indices: np.ndarray, count: int) -> np.ndarray:
-    """[len(indices), count] uniforms in [0, 1), each a pure function of (seed, epoch, index, k)."""
+AUGMENT, ORDER = 0, 1  # domains: the draws that order an epoch must not be the ones that crop
+
+
+def uniforms(seed: int, epoch: int, indices: np.ndarray, count: int, domain: int = AUGMENT) -> np.ndarray:
+    """[len(indices), count] uniforms in [0, 1), each a pure function of (seed, epoch, index,
+    domain, k). Different domains give independent draws for the same sample."""
     indices = np.asarray(indices, dtype=np.uint64).reshape(-1, 1)
     key = (splitmix64(np.array([seed % 2**64], np.uint64)) ^ splitmix64(np.array([epoch + 2**32], np.uint64))
-           ^ splitmix64(indices + np.uint64(2**33)))
+           ^ splitmix64(indices + np.uint64(2**33)) ^ splitmix64(np.array([domain + 2**34], np.uint64)))
     streams = np.arange(count, dtype=np.uint64) * GOLDEN
     with np.errstate(over="ignore"):
         bits = splitmix64(key + streams)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from augment.colour import colour_stats
+from augment.errors import AugmentError
 from augment.params import sample_params
 from augment.spec import AugmentSpec
 from augment.torch_ops import augment_batch
@@ -24,10 +25,14 @@ LABEL_HEIGHT = 14
 
 
 def make_preview(root, out, split: str = "train", images: int = 6, versions: int = 5, lighting: float = 0.1,
-                 seed: int = 0) -> Path:
+                 seed: int = 0, crop: int | None = None) -> Path:
+    """``crop`` defaults to the paper's proportion of the shard size, 224 / 256."""
     shard_set = open_shards(root)
     reader = shard_set.split(split)
-    spec = AugmentSpec(lighting=lighting, normalize="none", layout="NHWC")
+    crop = crop or reader.size * 224 // 256
+    if not 0 < crop <= reader.size:
+        raise AugmentError(f"crop {crop} does not fit the {reader.size} px shard images")
+    spec = AugmentSpec(crop=crop, lighting=lighting, normalize="none", layout="NHWC")
     colour = colour_stats(root, spec)
     chosen = np.sort(np.random.default_rng(seed).choice(len(reader), size=min(images, len(reader)), replace=False))
     sources = np.stack([reader[int(i)][0] for i in chosen])

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from augment.params import uniforms
+from augment.params import ORDER, uniforms
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of all n samples in ``epoch``: argsort of one hashed uniform per sample."""
-    keys = uniforms(seed, epoch, np.arange(n), 1)[:, 0]
+    """The order of all n samples in ``epoch``: argsort of one hashed uniform per sample, from
+    its own domain: ordering by a draw that also sets the crop would sort batches by crop."""
+    keys = uniforms(seed, epoch, np.arange(n), 1, domain=ORDER)[:, 0]
     return np.argsort(keys, kind="stable")
 
 

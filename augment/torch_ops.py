@@ -81,15 +81,19 @@ def augment_batch(images: torch.Tensor, params: SampleParams, spec: AugmentSpec,
     return finish_windows(mirror(windows, flags), params, spec, colour)
 
 
-def finish_windows(windows: torch.Tensor, params: SampleParams, spec: AugmentSpec, colour: ColourStats) -> torch.Tensor:
+def finish_windows(windows: torch.Tensor, params: SampleParams, spec: AugmentSpec, colour: ColourStats,
+                   mean_image: torch.Tensor | None = None) -> torch.Tensor:
     """Lighting, normalisation, dtype and layout of uint8 windows [B, crop, crop, 3] already cut
-    and mirrored by ``params`` (the torch backend cuts them in its reader processes)."""
+    and mirrored by ``params`` (the torch backend cuts them in its reader processes).
+    ``mean_image``: colour.mean_image already on the device, if the caller keeps one there."""
     device = windows.device
     offsets = torch.as_tensor(lighting_offsets(params.alpha, colour), dtype=torch.float32, device=device)
     mean_windows = None
     if spec.normalize == "mean-image":
         x, y, flags = (torch.as_tensor(p, device=device) for p in (params.x, params.y, params.mirror))
-        mean_image = torch.as_tensor(colour.mean_image, device=device).expand(len(windows), -1, -1, -1)
+        if mean_image is None:
+            mean_image = torch.as_tensor(colour.mean_image, device=device)
+        mean_image = mean_image.expand(len(windows), -1, -1, -1)
         mean_windows = mirror(crop(mean_image, x, y, spec.crop), flags)
     return to_layout(normalize(windows, offsets, spec, colour, mean_windows), spec)
 

@@ -136,8 +136,8 @@ def _member_problem(member) -> str | None:
     path = PurePosixPath(member.name)
     if member.isdir():
         return "a folder inside a per-class tar"
-    if not member.isfile():
-        return "not a regular file (link or device)"
+    if not member.isfile() or member.issparse():  # a sparse member's bytes are not where offset says
+        return "not a regular file (link, device or sparse file)"
     if path.is_absolute() or ".." in path.parts:
         return "unsafe member name"
     if path.suffix.lower() == ".tar":
@@ -202,12 +202,17 @@ def _read_devkit(root: Path) -> dict | None:
                                   "or give --val-labels FILE")
             meta = devkit.extractfile(files["meta.mat"]).read()
             truth = devkit.extractfile(files["ILSVRC2012_validation_ground_truth.txt"]).read().decode()
-    except (tarfile.TarError, OSError) as error:
+    except (tarfile.TarError, OSError, UnicodeDecodeError) as error:
         raise SourceError(f"{path} is not a readable devkit: {error}") from None
-    synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
-    leaves = [s for s in synsets if int(s["num_children"]) == 0]
-    return {
-        "names": {str(s["WNID"]): str(s["words"]) for s in leaves},
-        "wnid_of_id": {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves},
-        "ground_truth": [int(line) for line in truth.split()],
-    }
+    except EOFError:
+        raise SourceError(f"{path} is truncated") from None
+    try:
+        synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+        leaves = [s for s in synsets if int(s["num_children"]) == 0]
+        return {
+            "names": {str(s["WNID"]): str(s["words"]) for s in leaves},
+            "wnid_of_id": {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves},
+            "ground_truth": [int(line) for line in truth.split()],
+        }
+    except (ValueError, KeyError, TypeError, IndexError) as error:  # scipy's many ways to say "not a .mat"
+        raise SourceError(f"{path} has an unreadable meta.mat or ground truth: {error}") from None

@@ -1,11 +1,15 @@
-"""Outputs appear whole or not at all: write under a temporary name, then rename."""
+"""Outputs appear whole or not at all (temporary name, then rename); one writer per folder."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import uuid
 
-TMP_SUFFIX = ".tmp"
+from prep.errors import OutputError
+
+TMP_MARK = ".tmp-"  # temporary files are NAME.tmp-<random>; a resumed run deletes leftovers
 
 
 @contextlib.contextmanager
@@ -14,9 +18,10 @@ def atomic_path(path: str | os.PathLike):
 
     On any exception the temporary file is removed and ``path`` is left as it was, so a reader
     (or a resumed run) never sees half a file. rename(2) within one folder is atomic on POSIX.
+    The temporary name is unique, so two writers of the same file never share one.
     """
     path = os.fspath(path)
-    tmp = path + TMP_SUFFIX
+    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -32,3 +37,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+
+
+@contextlib.contextmanager
+def locked_folder(folder, what: str = "imgprep"):
+    """Hold an exclusive lock on ``folder`` (created if needed): a second concurrent writer is
+    refused with one line instead of interleaving its files with ours. Processes forked while
+    it is held share it, so a killed run's orphaned workers keep it until they finish."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as error:
+        raise OutputError(f"cannot create output folder {folder}: {error.strerror or error}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputError(f"another {what} is writing to {folder}; wait for it or choose another folder") from None
+    try:
+        if not os.access(folder, os.W_OK):
+            raise OutputError(f"output folder {folder} is not writable")
+        yield
+    finally:
+        os.close(fd)

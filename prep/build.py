@@ -12,6 +12,7 @@ runs, and what any other engine may run.
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -19,11 +20,15 @@ import numpy as np
 
 from prep.atomic import atomic_write_text
 from prep.decode import decode_resize, encode_jpeg
-from prep.errors import BadImage
+from prep.errors import BadImage, OutputError, PrepError
 from prep.plan import ShardOptions, ShardTask
 from prep.shards import sha256_file, write_shard
 
 JOURNAL = ".partial"
+# Read errors that say something about the file itself, and so make it a reject; any other
+# (EIO, ESTALE, EMFILE...) may pass, and stops the task instead of losing the image for good.
+LASTING_READ_ERRORS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ELOOP,
+                       errno.ENAMETOOLONG}
 
 
 def max_file_bytes(options: ShardOptions) -> int:
@@ -48,7 +53,12 @@ def build_shard(task: ShardTask, reader, out: Path, options: ShardOptions, on_im
         except BadImage as error:
             rejects.append([key, str(error)])
         except OSError as error:
+            if error.errno not in LASTING_READ_ERRORS:  # EIO, ESTALE, EMFILE...: not the file's fault
+                raise PrepError(f"reading {key} failed ({error.strerror or error}); finished shards are kept: "
+                                "rerun the same command to resume") from None
             rejects.append([key, f"unreadable: {error.strerror or error}"])
+        except MemoryError:
+            raise
         except Exception as error:  # a decoder bug on one odd file must not end a long run
             rejects.append([key, f"unexpected decoder error: {type(error).__name__}: {error}"])
         else:
@@ -62,11 +72,14 @@ def build_shard(task: ShardTask, reader, out: Path, options: ShardOptions, on_im
             on_image()
 
     record = {"split": task.split, "index": task.index, "file": None, "count": len(keys), "sha256": None}
-    if keys:
-        path = out / task.file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_shard(path, task.split, size, options.encoding, labels, keys, pixels[: len(keys)])
-        record.update(file=task.file, sha256=sha256_file(path))
-    record["rejects"] = rejects
-    atomic_write_text(record_path(out, task), json.dumps(record))
+    path = out / task.file
+    try:
+        if keys:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_shard(path, task.split, size, options.encoding, labels, keys, pixels[: len(keys)])
+            record.update(file=task.file, sha256=sha256_file(path))
+        record["rejects"] = rejects
+        atomic_write_text(record_path(out, task), json.dumps(record))
+    except OSError as error:  # a full disk, a lost mount: one line, and a rerun resumes
+        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
     return record

@@ -181,17 +181,18 @@ def pca_stats(shards, split, workers, sample, seed, quiet):
 @click.option("--lighting", default=0.1, show_default=True,
               help="Std of the PCA-lighting alpha (the paper's 0.1 is subtle; try 1 to see its direction).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the images and of their augmentation.")
+@click.option("--crop", type=int, help="Window side in pixels.  [default: 224 for 256-px shards, 7/8 of the side]")
 @report_errors
-def preview(shards, out, split, images, versions, lighting, seed):
+def preview(shards, out, split, images, versions, lighting, seed, crop):
     """Draw shard images beside augmented training versions of each, as a PNG grid.
 
     Each row: the image as stored (256 x 256), then VERSIONS views of it as the training loader
-    makes them (random 224 window, mirror, PCA lighting; shown before normalisation).
+    makes them (random 224 x 224 window, mirror, PCA lighting; shown before normalisation).
     SHARDS defaults to $IMGPREP_SHARDS, else ./shards.
     """
     from augment.preview import make_preview
 
-    path = make_preview(resolve_shards(shards), out, split, images, versions, lighting, seed)
+    path = make_preview(resolve_shards(shards), out, split, images, versions, lighting, seed, crop)
     click.echo(f"wrote {path} ({images} images x {versions} augmented versions)")
 
 

@@ -14,6 +14,9 @@ run by torch's vectorised uint8 kernel: about 4x faster than Pillow's own resize
 power of two (libjpeg-turbo scaled IDCT), but never below twice the target's shorter side:
 DCT reduction alone aliases on fine texture, the bicubic pass after it does not.
 
+A source longer than 4:1 is first cut to its central 4:1 part (policy "crop"): the rest would
+be cropped away, and resizing it whole could need gigabytes for a thin strip.
+
 Colour: every source ends as RGB. Greyscale is repeated, palettes expanded, alpha dropped
 (as ``PIL.Image.convert("RGB")`` and torchvision do), CMYK converted by Pillow, 16-bit samples
 reduced to their high byte. EXIF orientation is ignored, as it was when ImageNet was labelled.
@@ -39,6 +42,9 @@ JPEG_END = b"\xff\xd9"
 # libjpeg warnings that leave every pixel decoded (stray bytes between segments, a quirky SOS
 # header some cameras write); any other warning means missing or damaged image data.
 BENIGN_JPEG_WARNINGS = ("extraneous bytes before marker", "Invalid SOS parameters")
+# Raster formats only: no EPS/PDF (Pillow would call Ghostscript on them) or other exotica.
+PILLOW_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # JPEG covers MPO
+MAX_ASPECT = 4  # policy "crop": a longer source is first cut to its central 4:1 part
 
 
 def decode_resize(data: bytes, size: int, policy: str, max_pixels: int) -> np.ndarray:
@@ -64,6 +70,9 @@ def decode_jpeg(data: bytes, size: int, max_pixels: int):
         return None  # let Pillow try (and name the problem if it fails too)
     check_pixel_count(width, height, max_pixels)
     if colorspace in ("CMYK", "YCCK"):
+        # libjpeg-turbo checks the data as strictly as any JPEG; Pillow, which knows Adobe's
+        # inverted CMYK, converts the colours.
+        strict_jpeg(lambda payload, strict: simplejpeg.decode_jpeg(payload, "CMYK", strict=strict), data)
         return None
     reduction = 1
     while reduction < 8 and min(width, height) >= 2 * size * reduction * 2:
@@ -72,21 +81,25 @@ def decode_jpeg(data: bytes, size: int, max_pixels: int):
     min_h, min_w = math.ceil(height / reduction), math.ceil(width / reduction)
 
     def decode(payload: bytes, strict: bool) -> np.ndarray:
-        return simplejpeg.decode_jpeg(
-            payload, "RGBX", min_height=min_h, min_width=min_w, strict=strict
-        )
+        return simplejpeg.decode_jpeg(payload, "RGBX", min_height=min_h, min_width=min_w, strict=strict)
 
+    return strict_jpeg(decode, data), (width, height)
+
+
+def strict_jpeg(decode, data: bytes) -> np.ndarray:
+    """``decode(data, strict)`` under our rule: reject any libjpeg warning but a benign one, and
+    repair only a missing end-of-image marker."""
     try:
-        return decode(data, strict=True), (width, height)
+        return decode(data, True)
     except ValueError as error:
         message = str(error)
     if "Premature end" in message:
         try:  # complete image data with only the end-of-image marker missing is repairable
-            return decode(data + JPEG_END, strict=True), (width, height)
+            return decode(data + JPEG_END, True)
         except ValueError:
             raise BadImage("truncated JPEG (image data ends early)") from None
     if any(benign in message for benign in BENIGN_JPEG_WARNINGS):
-        return decode(data, strict=False), (width, height)
+        return decode(data, False)
     raise BadImage(f"corrupt JPEG: {message}")
 
 
@@ -94,7 +107,7 @@ def decode_with_pil(data: bytes, max_pixels: int) -> np.ndarray:
     """RGB pixels of anything Pillow reads (PNG, GIF, BMP, TIFF, WebP, CMYK JPEG); first frame."""
     with _pillow_bomb_check_off():
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
         except UnidentifiedImageError:
             raise BadImage("not an image (unrecognised file format)") from None
         except Exception as error:  # Pillow raises many types on malformed headers
@@ -140,12 +153,32 @@ def resize_square(pixels: np.ndarray, size: int, policy: str, source_wh=None) ->
     decode lands on the same output grid as a full one (to the rounding of the reduced size).
     """
     height, width = pixels.shape[:2]
-    resized_w, resized_h, left, top = output_geometry(*(source_wh or (width, height)), size, policy)
+    source_wh = source_wh or (width, height)
+    if policy == "crop" and max(source_wh) > MAX_ASPECT * min(source_wh):
+        pixels, source_wh = central_part(pixels, source_wh)
+    resized_w, resized_h, left, top = output_geometry(*source_wh, size, policy)
     # (1, C, H, W) viewed over HWC memory: the channels-last layout the fast uint8 kernel wants.
     batch = torch.from_numpy(pixels).permute(2, 0, 1)[None]
     resized = F.interpolate(batch, size=(resized_h, resized_w), mode="bicubic", antialias=True)
     window = resized[0, :3, top : top + size, left : left + size]  # (3, size, size), planar
     return window.permute(1, 2, 0).contiguous().numpy()  # torch interleaves ~1.7x faster than numpy
+
+
+def central_part(pixels: np.ndarray, source_wh) -> tuple[np.ndarray, tuple[int, int]]:
+    """The central MAX_ASPECT:1 part of a longer image (and its size in source pixels).
+
+    Only the centre survives the crop anyway, and resizing the whole of a 1 x 100,000 strip to
+    a shorter side of 256 would take gigabytes; the window moves by at most half a pixel.
+    """
+    height, width = pixels.shape[:2]
+    (source_w, source_h), scale = source_wh, width / source_wh[0]  # decoded pixels per source pixel
+    if source_w > source_h:
+        keep = MAX_ASPECT * source_h
+        start = round((source_w - keep) / 2 * scale)
+        return pixels[:, start : start + max(1, round(keep * scale))], (keep, source_h)
+    keep = MAX_ASPECT * source_w
+    start = round((source_h - keep) / 2 * scale)
+    return pixels[start : start + max(1, round(keep * scale))], (source_w, keep)
 
 
 def encode_jpeg(image: np.ndarray, quality: int) -> np.ndarray:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
 from prep.build import build_shard
 from prep.errors import PrepError
@@ -57,36 +59,41 @@ def _run_task(args) -> dict:
 
 
 def run_local(pending, reader, out, options, workers: int, bar_spec):
-    """Yield the record of each pending task as a local process pool finishes it."""
+    """Yield the record of each pending task as a local process pool finishes it.
+
+    A pool that loses a worker (killed for memory, a crash in a decoder library) cannot finish
+    that worker's task: the job stops with one line, and a rerun redoes only what is missing.
+    """
     if not pending:
         return
     counter = multiprocessing.Value("q", 0)
-    # The pool forks before tqdm starts its monitor thread: forking a threaded process is unsafe.
-    pool = multiprocessing.Pool(max(1, min(workers, len(pending))), initializer=_init_worker,
-                                initargs=(counter, reader))
-    bar = progress_bar(bar_spec)
+    pool = ProcessPoolExecutor(max(1, min(workers, len(pending))), mp_context=multiprocessing.get_context(),
+                               initializer=_init_worker, initargs=(counter, reader))
+    running = {pool.submit(_run_task, (task, out, options)): task for task in pending}  # forks the workers
+    bar = progress_bar(bar_spec)  # after the fork: tqdm starts a monitor thread
+    finished = False
     try:
-        results = pool.imap_unordered(_run_task, [(t, out, options) for t in pending])
         seen = 0
-        for _ in pending:
-            while True:
-                try:
-                    record = results.next(timeout=0.25)
-                    break
-                except multiprocessing.TimeoutError:
-                    seen = _advance(bar, counter.value, seen)
+        while running:
+            done, _ = wait(running, timeout=0.25, return_when=FIRST_COMPLETED)
             seen = _advance(bar, counter.value, seen)
-            yield record
-        pool.close()
+            for future in done:
+                task = running.pop(future)
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    raise PrepError(f"a worker process died while making {task.file} (out of memory?); finished "
+                                    "shards are kept: rerun the same command to resume") from None
+        finished = True
     except KeyboardInterrupt:
-        pool.terminate()
         raise PrepError(INTERRUPTED) from None
-    except BaseException:
-        pool.terminate()
-        raise
     finally:
-        pool.join()
         bar.close()
+        # Workers ignore SIGINT and would finish their shard first: on an error stop them now
+        # (shutdown forgets them, and there is no public way to do this before Python 3.14).
+        for process in [] if finished else list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)  # joins the workers: none keeps the folder lock
 
 
 def _advance(bar, now: int, seen: int) -> int:

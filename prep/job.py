@@ -10,17 +10,16 @@ is removed: a folder with a manifest is complete.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
-import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from prep import __version__
-from prep.atomic import TMP_SUFFIX, atomic_write_text
+from prep.atomic import TMP_MARK, atomic_write_text, locked_folder
 from prep.build import JOURNAL, record_path
 from prep.engines import run_local, run_ray
 from prep.errors import OutputError, PrepError, ShardFormatError
@@ -30,6 +29,7 @@ from prep.shards import (MANIFEST, MANIFEST_FORMAT, MEAN_IMAGE, REJECTS, STATS, 
 from prep.sources import SPLITS, Dataset
 
 RUN_FILE = "run.json"
+SHARD_NAME = re.compile(rf"({'|'.join(SPLITS)})-\d{{5,}}\.h5({re.escape(TMP_MARK)}\w+)?")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def run_shard_job(dataset: Dataset, out, options: ShardOptions, workers: int, ov
     out = Path(out).expanduser().absolute()
     tasks = make_plan(dataset, options)
     identity = {"source": dataset.root, "options": options.as_dict(), "plan_sha256": plan_fingerprint(tasks)}
-    with _locked_output(out):
+    with locked_folder(out):
         if not overwrite and _complete(out, identity):
             return _summary(out, read_manifest(out), started, resumed=len(tasks), already_complete=True)
         _prepare_output(out, identity, overwrite)
@@ -83,27 +83,6 @@ def _same_identity(existing: dict, identity: dict) -> bool:
     return all(existing.get(k) == v for k, v in identity.items())
 
 
-@contextlib.contextmanager
-def _locked_output(out: Path):
-    """One writer per output folder: a second concurrent run is refused, not interleaved."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out, os.O_RDONLY)
-    except OSError as error:
-        raise OutputError(f"cannot create output folder {out}: {error.strerror or error}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise OutputError(f"another imgprep is writing to {out}; wait for it or choose another --out") from None
-    try:
-        if not os.access(out, os.W_OK):
-            raise OutputError(f"output folder {out} is not writable")
-        yield
-    finally:
-        os.close(fd)
-
-
 def _prepare_output(out: Path, identity: dict, overwrite: bool) -> None:
     """Refuse to mix runs; clear our own files for --overwrite; drop half-written temporaries."""
     journal = out / JOURNAL
@@ -119,7 +98,7 @@ def _prepare_output(out: Path, identity: dict, overwrite: bool) -> None:
     atomic_write_text(journal / RUN_FILE, json.dumps(identity, indent=2))
     if (out / MANIFEST).is_file():
         _journal_from_manifest(out)  # a complete run missing some shard files: rebuild only those
-    for stale in [*out.glob(f"*/*.h5{TMP_SUFFIX}"), *journal.glob(f"*{TMP_SUFFIX}")]:
+    for stale in [*out.glob(f"*/*.h5{TMP_MARK}*"), *journal.glob(f"*{TMP_MARK}*")]:
         stale.unlink()
 
 
@@ -144,8 +123,9 @@ def remove_outputs(out: Path) -> None:
             (out / name).unlink()
     shutil.rmtree(out / JOURNAL, ignore_errors=True)
     for split in SPLITS:
-        for shard in out.glob(f"{split}/{split}-[0-9][0-9][0-9][0-9][0-9].h5*"):
-            shard.unlink()
+        for shard in out.glob(f"{split}/{split}-*.h5*"):
+            if SHARD_NAME.fullmatch(shard.name):  # five digits or more: 100,000 shards and up
+                shard.unlink()
         with contextlib.suppress(OSError):  # only when empty: a user's own files stay
             (out / split).rmdir()
 

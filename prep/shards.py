@@ -14,7 +14,9 @@ stored, so the same input gives the same bytes. Readers check format and version
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -147,7 +149,8 @@ class SplitReader:
         self.encoding = shard_set.encoding
         entries = shard_set.manifest["splits"][split]["shards"]
         self.files = [entry["file"] for entry in entries]
-        self.starts = np.concatenate([[0], np.cumsum([e["count"] for e in entries])]).tolist()
+        self.starts = [0, *itertools.accumulate(int(e["count"]) for e in entries)]
+        allow_open_files(len(self.files) + 64)
         self._open: dict[int, ShardFile] = {}
         self._pid = os.getpid()
 
@@ -198,34 +201,48 @@ class SplitReader:
 
 
 class ShardFile:
-    """One .h5 shard, checked on open. Raw images are read through a memory map of the file."""
+    """One .h5 shard, checked on open. Raw shards keep no HDF5 handle: their images are read
+    through a memory map at the chunk offsets found on open (one file descriptor a shard)."""
 
     def __init__(self, path: Path, split: str, encoding: str, size: int):
-        self.path = path
+        self.path, self.size, self.encoding = path, size, encoding
+        self.h5 = self.map = None
         try:
             self.h5 = h5py.File(path, "r")
         except FileNotFoundError:
             raise ShardFormatError(f"shard {path} is missing (run 'imgprep verify' on the folder)") from None
         except OSError as error:
+            if error.errno == errno.EMFILE:
+                raise ShardFormatError(f"too many open files reading {path}: raise the limit (ulimit -n) "
+                                       "or shard with a larger --shard-size") from None
             raise ShardFormatError(f"shard {path} cannot be opened as HDF5: {error}") from None
-        expected = {"format": SHARD_FORMAT, "version": VERSION, "split": split, "encoding": encoding, "size": size}
+        try:
+            self._check(split)
+            self.labels = self.h5["labels"][:]
+            if encoding == "raw":
+                self.offsets = raw_chunk_offsets(self.h5["images"], path)
+                self.map = np.memmap(path, dtype=np.uint8, mode="r")
+                if len(self.offsets) and self.offsets.max() + size * size * 3 > len(self.map):
+                    raise ShardFormatError(f"shard {path} is truncated: its images run past the end of the file")
+                self.h5.close()
+                self.h5 = None
+            else:
+                self.blobs = self.h5["jpeg"]
+        except KeyError as error:
+            self.close()
+            raise ShardFormatError(f"shard {path} lacks a dataset: {error}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self, split: str) -> None:
+        expected = {"format": SHARD_FORMAT, "version": VERSION, "split": split, "encoding": self.encoding,
+                    "size": self.size}
         for name, value in expected.items():
             found = self.h5.attrs.get(name)
             found = found.item() if isinstance(found, np.generic) else found
             if found != value:
-                self.h5.close()
-                raise ShardFormatError(f"shard {path} has {name}={found!r} where the manifest says {value!r}")
-        self.labels = self.h5["labels"][:]
-        self.size = size
-        self.encoding = encoding
-        if encoding == "raw":
-            self.offsets = raw_chunk_offsets(self.h5["images"], path)
-            self.map = np.memmap(path, dtype=np.uint8, mode="r")
-            if len(self.offsets) and self.offsets.max() + size * size * 3 > len(self.map):
-                self.h5.close()
-                raise ShardFormatError(f"shard {path} is truncated: its images run past the end of the file")
-        else:
-            self.blobs = self.h5["jpeg"]
+                raise ShardFormatError(f"shard {self.path} has {name}={found!r} where the manifest says {value!r}")
 
     def stored(self, local: int) -> np.ndarray:
         if self.encoding == "raw":
@@ -239,13 +256,39 @@ class ShardFile:
             return np.array(self.stored(local))
         import simplejpeg
 
-        return simplejpeg.decode_jpeg(self.blobs[local].tobytes(), "RGB")
+        try:
+            image = simplejpeg.decode_jpeg(self.blobs[local].tobytes(), "RGB")
+        except ValueError as error:
+            raise ShardFormatError(f"shard {self.path}: image {local} is not a readable JPEG ({error})") from None
+        if image.shape != (self.size, self.size, 3):  # callers rely on the size (pca-stats reads unchecked)
+            raise ShardFormatError(f"shard {self.path}: image {local} is {image.shape}, not ({self.size}, "
+                                   f"{self.size}, 3)")
+        return image
 
     def key(self, local: int) -> str:
-        return self.h5["keys"][local].decode("utf-8")
+        if self.h5 is not None:
+            return self.h5["keys"][local].decode("utf-8")
+        with h5py.File(self.path, "r") as h5:  # raw shards keep no handle open
+            return h5["keys"][local].decode("utf-8")
 
     def close(self) -> None:
-        self.h5.close()
+        if self.h5 is not None:
+            self.h5.close()
+            self.h5 = None
+        self.map = None  # unmapped once no view of it is left (DALI may still hold one)
+
+
+def allow_open_files(needed: int) -> None:
+    """Raise this process's soft limit on open files towards ``needed`` (within the hard limit):
+    a reader keeps one descriptor per shard it has touched, and ImageNet has ~1,300 shards."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
 
 
 def raw_chunk_offsets(images: h5py.Dataset, path) -> np.ndarray:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,11 +53,17 @@ class TreeReader:
     root: str
 
     def read(self, key: str, max_bytes: int) -> bytes:
-        """``key`` comes from our own scan, never from user input, so joining it is safe."""
+        """``key`` comes from our own scan, never from user input, so joining it is safe. The
+        file may have changed since the scan: it must still be regular, and at most
+        ``max_bytes`` are read."""
         with open(os.path.join(self.root, key), "rb") as f:
-            if os.fstat(f.fileno()).st_size > max_bytes:
+            status = os.fstat(f.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise BadImage("not a regular file")
+            data = f.read(max_bytes + 1)
+            if status.st_size > max_bytes or len(data) > max_bytes:
                 raise BadImage(f"file too large: over {max_bytes:,} bytes")
-            return f.read()
+            return data
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,9 @@ def scan_source(root: str | os.PathLike, val_labels: str | os.PathLike | None = 
     kaggle = root / "ILSVRC" / "Data" / "CLS-LOC"
     if (kaggle / "train").is_dir():
         solution = root / "LOC_val_solution.csv"
-        return scan_tree(kaggle, val_labels or (solution if solution.is_file() else None), names_root=root)
+        if val_labels is None and solution.is_file() and (kaggle / "val").is_dir():
+            val_labels = solution
+        return scan_tree(kaggle, val_labels, names_root=root)
     return scan_tree(root, val_labels)
 
 
@@ -180,13 +189,24 @@ def _extension_reason(name: str) -> str:
     return f"not an image file (extension '{ext}')" if ext else "not an image file (no extension)"
 
 
-def _walk_files(folder: Path, root: Path):
-    """Yield '/'-separated paths relative to ``root`` of every file below ``folder``, sorted."""
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        rel = Path(dirpath).relative_to(root).as_posix()
-        for name in sorted(filenames):
-            yield f"{rel}/{name}"
+def _walk_files(folder: Path, root: Path, split: str, rejects: list[Reject]):
+    """Yield '/'-separated paths relative to ``root`` of the regular files below ``folder``,
+    sorted. Anything else (a device, a pipe, a broken link, an unreadable folder) is a reject:
+    reading /dev/zero or a FIFO named .JPEG would never end."""
+    rel = folder.relative_to(root).as_posix()
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as error:
+        rejects.append(Reject(split, rel, f"unreadable folder: {error.strerror or error}"))
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk_files(Path(entry.path), root, split, rejects)
+        elif entry.is_file():  # follows links: a link to a regular file is one
+            yield f"{rel}/{entry.name}"
+        else:
+            rejects.append(Reject(split, f"{rel}/{entry.name}", "not a regular file (device, pipe, socket or "
+                                                               "broken link)"))
 
 
 def _scan_class_folders(root: Path, split: str, index: dict[str, int], rejects: list[Reject]):
@@ -196,7 +216,7 @@ def _scan_class_folders(root: Path, split: str, index: dict[str, int], rejects: 
             rejects.append(Reject(split, f"{split}/{entry.name}", "not inside a class folder"))
             continue
         label = index.get(entry.name)
-        for key in _walk_files(Path(entry.path), root):
+        for key in _walk_files(Path(entry.path), root, split, rejects):
             if not is_image_name(key):
                 rejects.append(Reject(split, key, _extension_reason(key)))
             elif label is None:
@@ -208,7 +228,7 @@ def _scan_class_folders(root: Path, split: str, index: dict[str, int], rejects: 
 
 def _scan_flat_folder(root, split, labels: dict[str, str], index: dict[str, int], rejects):
     items = []
-    for key in _walk_files(root / split, root):
+    for key in _walk_files(root / split, root, split, rejects):
         name = key.split("/", 1)[1]
         wnid = labels.get(name) or labels.get(os.path.splitext(name)[0])
         if not is_image_name(key):

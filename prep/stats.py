@@ -27,17 +27,20 @@ number of workers or on the order of the shards.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
-from prep.atomic import atomic_path, atomic_write_text
+from prep.atomic import atomic_path, atomic_write_text, locked_folder
 from prep.errors import PrepError, ShardFormatError
-from prep.shards import MANIFEST, MEAN_IMAGE, STATS, ShardFile, open_shards
+from prep.shards import MANIFEST, MEAN_IMAGE, STATS, ShardFile, open_shards, read_manifest
 
 STATS_FORMAT = "imgprep-stats"
 FLUSH_EVERY = 1 << 16  # images: uint32 per-position sums hold 2^32 / 255 > 16 M images; flush far earlier
@@ -115,17 +118,20 @@ def sample_indices(counts: list[int], sample: int | None, seed: int) -> list[np.
     return [chosen[(chosen >= a) & (chosen < b)] - a for a, b in zip(starts[:-1], starts[1:])]
 
 
-def _shard_task(args):
-    return shard_sums(*args)
-
-
 def compute_stats(root, split: str = "train", workers: int = 1, sample: int | None = None, seed: int = 0,
                   progress: bool = True) -> dict:
     """Compute, write ``stats.json`` and the mean image atomically, and return the statistics."""
-    from tqdm import tqdm
-
     started = time.perf_counter()
     root = Path(root)
+    read_manifest(root)  # a clear error for a missing or foreign folder, before the lock creates one
+    with locked_folder(root):  # no imgprep shard (or second pca-stats) rewriting the folder meanwhile
+        return _compute_stats(root, split, workers, sample, seed, progress, started)
+
+
+def _compute_stats(root: Path, split: str, workers: int, sample, seed: int, progress: bool, started: float) -> dict:
+    from tqdm import tqdm
+
+    manifest_hash = manifest_sha256(root)  # of the manifest as it is now, not as it may be at the end
     shard_set = open_shards(root)
     reader = shard_set.split(split)
     counts = [e["count"] for e in shard_set.manifest["splits"][split]["shards"]]
@@ -141,19 +147,26 @@ def compute_stats(root, split: str = "train", workers: int = 1, sample: int | No
     accumulate(warm_up, np.zeros(1, np.int64), 3, np.zeros(3, np.uint32), np.zeros(6, np.uint64))
     images, position_sums, moments = 0, 0, [0] * 6
     planned = sum(len(t[4]) if t[4] is not None else c for t, c in zip(tasks, counts))
-    with multiprocessing.Pool(max(1, min(workers, len(tasks)))) as pool, \
-            tqdm(total=planned, unit="img", desc="pca-stats", disable=not progress, dynamic_ncols=True) as bar:
-        for n, sums, part in pool.imap_unordered(_shard_task, tasks):
-            images, position_sums = images + n, position_sums + sums
-            moments = [a + b for a, b in zip(moments, part)]
-            bar.update(n)
+    with ProcessPoolExecutor(max(1, min(workers, len(tasks))), mp_context=multiprocessing.get_context()) as pool:
+        futures = [pool.submit(shard_sums, *task) for task in tasks]  # forks before tqdm's thread starts
+        with tqdm(total=planned, unit="img", desc="pca-stats", disable=not progress, dynamic_ncols=True) as bar:
+            try:
+                for future in as_completed(futures):
+                    n, sums, part = future.result()
+                    images, position_sums = images + n, position_sums + sums
+                    moments = [a + b for a, b in zip(moments, part)]
+                    bar.update(n)
+            except BrokenProcessPool:
+                raise PrepError("a pca-stats worker process died (out of memory?); nothing was written") from None
     stats = finish(images, position_sums, moments)
     mean_image = stats.pop("mean_image")
+    buffer = io.BytesIO()
+    np.save(buffer, mean_image, allow_pickle=False)
     with atomic_path(root / MEAN_IMAGE) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, mean_image, allow_pickle=False)
-    document = {"format": STATS_FORMAT, "version": 1, "manifest_sha256": manifest_sha256(root), "split": split,
+        Path(tmp).write_bytes(buffer.getvalue())
+    document = {"format": STATS_FORMAT, "version": 1, "manifest_sha256": manifest_hash, "split": split,
                 "scale": 255, "sample": sample, "seed": seed, **stats, "mean_image": MEAN_IMAGE,
+                "mean_image_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
                 "eigvec_sign_rule": "the largest-magnitude component of each eigenvector is positive"}
     atomic_write_text(root / STATS, json.dumps(document, indent=2) + "\n")
     document["seconds"] = time.perf_counter() - started
@@ -173,5 +186,9 @@ def load_stats(root, with_mean_image: bool = False) -> dict:
         raise StaleStatsError(f"{path} was computed from other shards than those in {root} "
                               f"(manifest.json changed since): run 'imgprep pca-stats {root}' again")
     if with_mean_image:
-        stats["mean_image"] = np.load(root / stats["mean_image"], allow_pickle=False)
+        data = (root / stats["mean_image"]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != stats.get("mean_image_sha256"):
+            raise StaleStatsError(f"{root / stats['mean_image']} does not belong to {path}: run "
+                                  f"'imgprep pca-stats {root}' again")
+        stats["mean_image"] = np.load(io.BytesIO(data), allow_pickle=False)
     return stats

@@ -136,7 +136,7 @@ def test_bad_members_are_rejected_not_read(tree, tmp_path):
     assert rejects["train/README.txt"].startswith("not a per-class tar")
     assert rejects["train/extra/n09999999.tar"].startswith("not a per-class tar")
     assert rejects[f"{first}/inner.tar"] == "a nested archive inside a per-class tar; not read"
-    assert rejects[f"{first}/link.JPEG"] == "not a regular file (link or device)"
+    assert rejects[f"{first}/link.JPEG"] == "not a regular file (link, device or sparse file)"
     assert rejects[f"{first}/../escape.JPEG"] == "unsafe member name"
     assert rejects[f"{first}/notes.txt"] == "not an image file (extension '.txt')"
     assert rejects[f"{first}/huge.JPEG"].startswith("file too large")
@@ -159,3 +159,18 @@ def test_devkit_without_ground_truth(tree, tmp_path):
         add_file(devkit, "ILSVRC2012_devkit_t12/data/meta.mat", b"")
     result = run_cli(["shard", str(archives), "--out", str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 1 and "has no ILSVRC2012_validation_ground_truth.txt" in result.output
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad meta.mat"])
+def test_damaged_devkit_is_one_line(tree, tmp_path, damage):
+    archives = make_archives(tree, tmp_path / "ilsvrc")
+    devkit = archives / "ILSVRC2012_devkit_t12.tar.gz"
+    if damage == "truncated":
+        devkit.write_bytes(devkit.read_bytes()[:300])
+    else:
+        with tarfile.open(devkit, "w:gz") as archive:
+            add_file(archive, "ILSVRC2012_devkit_t12/data/meta.mat", b"not a mat file at all")
+            add_file(archive, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", b"1\n")
+    result = run_cli(["shard", str(archives), "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 1 and "ILSVRC2012_devkit_t12.tar.gz" in result.output, result.output
+    assert "Traceback" not in result.output and "Aborted" not in result.output

@@ -70,6 +70,18 @@ def test_crop_positions_cover_every_offset_and_flips_are_fair():
     assert (params.x != other_epoch.x).mean() > 0.9
 
 
+def test_augmentation_is_independent_of_the_place_in_the_epoch():
+    # The epoch order and the crop must come from independent draws: batches of mixed windows.
+    n, batch = 10000, 128
+    order = rank_samples(n, batch, 0, 1, shuffle=True, seed=3, epoch=2)
+    params = sample_params(AugmentSpec(), 256, seed=3, epoch=2, indices=order)
+    place = np.arange(len(order))
+    for values in (params.x, params.y, params.mirror.astype(float), params.alpha[:, 0]):
+        assert abs(np.corrcoef(place, values)[0, 1]) < 0.05
+    distinct = [len(set(params.x[i : i + batch].tolist())) for i in range(0, len(order), batch)]
+    assert min(distinct) > 20  # of 33 possible columns
+
+
 def test_lighting_offset_covariance_is_the_papers(stats_shards):
     # offset (pixels on [0, 1]) = P (alpha * lambda), alpha ~ N(0, 0.1^2 I)
     #   => Cov(offset) = P diag((0.1 lambda)^2) P^T

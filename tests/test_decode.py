@@ -123,3 +123,28 @@ def test_truncated_png_is_rejected():
     data = png(class_image(np.random.default_rng(0), 0, 4, 300, 200))
     with pytest.raises(BadImage, match="cannot decode PNG"):
         decode_resize(data[: len(data) // 2], 256, "crop", CAP)
+
+
+def test_corrupt_cmyk_jpeg_is_rejected_although_pillow_would_load_it(awkward):
+    # Pillow ignores libjpeg's warnings; CMYK JPEGs are checked by libjpeg-turbo as strictly as others.
+    damaged = bytearray(awkward["cmyk.JPEG"])
+    middle = len(damaged) // 2
+    damaged[middle : middle + 64] = b"\xff\xd3" * 32  # stray restart markers in the scan
+    with pytest.raises(BadImage, match="corrupt JPEG"):
+        decode_resize(bytes(damaged), 256, "crop", CAP)
+
+
+def test_thin_strips_are_cut_to_their_centre_first():
+    # 2000 x 100 (20:1): resized whole it would be 5120 x 256; its central 4:1 part gives the
+    # same central window (to half a pixel), so it still matches Pillow's full resize.
+    pixels = class_image(np.random.default_rng(5), 3, 4, 2000, 100)
+    assert psnr(decode_resize(png(pixels), 256, "crop", CAP), pil_reference(png(pixels))) > 30
+    strip = png(np.full((1, 100_000, 3), 77, np.uint8))  # 1 x 100,000: gigabytes if resized whole
+    assert (decode_resize(strip, 256, "crop", CAP) == 77).all()
+
+
+def test_only_raster_formats_are_opened():
+    buffer = io.BytesIO()
+    Image.new("RGB", (30, 20)).save(buffer, "EPS")  # Pillow would run Ghostscript on it
+    with pytest.raises(BadImage, match="not an image"):
+        decode_resize(buffer.getvalue(), 256, "crop", CAP)

@@ -85,3 +85,28 @@ def test_missing_shard_file_is_named(fresh_copy):
     (fresh_copy / "val" / "val-00000.h5").unlink()
     with pytest.raises(ShardFormatError, match="val-00000.h5 is missing"):
         open_shards(fresh_copy).split("val")[0]
+
+
+def test_a_split_without_shards_has_length_zero(fresh_copy):
+    manifest = json.loads((fresh_copy / "manifest.json").read_text())
+    manifest["splits"]["val"] = {"count": 0, "rejected": 16, "shards": []}  # every val file rejected
+    (fresh_copy / "manifest.json").write_text(json.dumps(manifest))
+    val = open_shards(fresh_copy).split("val")
+    assert len(val) == 0 and val.labels.tolist() == []
+
+
+def test_a_jpeg_of_the_wrong_size_is_an_error_not_a_bad_read(fake_src, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from conftest import run_cli
+
+    out = tmp_path / "jpeg"
+    run_cli(["shard", str(fake_src), "--out", str(out), "--encoding", "jpeg", "--quiet"])
+    small = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(small, "JPEG")
+    with h5py.File(out / "val" / "val-00000.h5", "r+") as f:
+        f["jpeg"][0] = np.frombuffer(small.getvalue(), np.uint8)
+    with pytest.raises(ShardFormatError, match=r"image 0 is \(8, 8, 3\), not \(256, 256, 3\)"):
+        open_shards(out).split("val")[0]

@@ -243,3 +243,33 @@ def test_interrupted_run_resumes_to_identical_output(tmp_path, sig):
     assert shard_hashes(out) == shard_hashes(clean)
     assert (out / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
     assert not list(out.glob("*/*.tmp"))
+
+
+class DyingReader:
+    """Kills the worker process that reads one particular file, as an out-of-memory kill would."""
+
+    def __init__(self, inner, victim):
+        self.inner, self.victim = inner, victim
+
+    def read(self, key, max_bytes):
+        if key == self.victim:
+            os._exit(9)
+        return self.inner.read(key, max_bytes)
+
+
+def test_a_dead_worker_stops_the_job_with_one_line_and_keeps_finished_shards(fake_src, tmp_path):
+    from dataclasses import replace
+
+    from prep.errors import PrepError
+    from prep.job import run_shard_job
+    from prep.plan import ShardOptions
+    from prep.sources import scan_source
+
+    dataset = scan_source(fake_src)
+    victim = dataset.splits["val"][0][0]
+    with pytest.raises(PrepError, match="a worker process died while making val/val-00000.h5"):
+        run_shard_job(replace(dataset, reader=DyingReader(dataset.reader, victim)), tmp_path / "out",
+                      ShardOptions(shard_size=16), workers=2, progress=False)
+    assert (tmp_path / "out" / ".partial").is_dir() and not (tmp_path / "out" / "manifest.json").exists()
+    summary = run_shard_job(dataset, tmp_path / "out", ShardOptions(shard_size=16), workers=2, progress=False)
+    assert summary.counts["val"] == 16  # the rerun completes the job

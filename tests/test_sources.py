@@ -1,5 +1,7 @@
 """Source layouts, class order, names files, validation labels, and scan-time rejects."""
 
+import os
+
 import pytest
 
 from prep.errors import SourceError
@@ -106,3 +108,16 @@ def test_val_labels_without_val_folder(tree):
     (tree / "labels.txt").write_text("a.JPEG n01\n")
     with pytest.raises(SourceError, match="has no val/ folder"):
         scan_tree(tree, tree / "labels.txt")
+
+
+def test_devices_pipes_and_broken_links_are_rejected_not_read(tree):
+    folder = tree / "train" / "n01"
+    (folder / "zero.JPEG").symlink_to("/dev/zero")
+    os.mkfifo(folder / "pipe.JPEG")
+    (folder / "gone.JPEG").symlink_to(folder / "missing.JPEG")
+    (folder / "fine.JPEG").symlink_to(folder / "n01_1.JPEG")  # a link to a regular file is fine
+    dataset = scan_tree(tree)
+    reasons = {r.path: r.reason for r in dataset.rejects}
+    for name in ("zero.JPEG", "pipe.JPEG", "gone.JPEG"):
+        assert reasons[f"train/n01/{name}"].startswith("not a regular file"), name
+    assert ("train/n01/fine.JPEG", 0) in dataset.splits["train"]

@@ -96,6 +96,30 @@ def test_eval_counts_every_val_image_once_with_two_processes(stats_shards, tmp_p
         assert ("10 crops" in result.stdout) == bool(extra)
 
 
+def test_random_resized_crops_and_eval_with_a_batch_larger_than_the_training_split(stats_shards, tmp_path):
+    out = tmp_path / "run"
+    # Random-resized crops make the default normalisation per-channel, even for the paper's AlexNet.
+    train("run", stats_shards, "--arch", "tiny_models:tiny", "--epochs", "1", *FAST, "--crop-mode", "random-resized",
+          "--out", out)
+    assert torch.load(out / "last.pt", weights_only=True)["config"]["normalize"] == "channel"
+    result = train("eval", out / "last.pt", "--device", "cpu", "--backend", "torch", "--workers", "0")
+    assert "over 16 images" in result.stdout  # --batch-size 128 > the 60 training images: eval needs none
+
+
+def test_a_run_without_validation_keeps_its_lowest_loss_as_best(tmp_path):
+    from conftest import run_cli as imgprep
+    from prep.stats import compute_stats
+    from tools.fake_imagenet import make_fake_imagenet
+
+    src = make_fake_imagenet(tmp_path / "src", classes=2, train_per_class=12, val_per_class=0, awkward=False,
+                             large_fraction=0)
+    assert imgprep(["shard", str(src), "--out", str(tmp_path / "shards"), "--quiet"]).exit_code == 0
+    compute_stats(tmp_path / "shards", progress=False)
+    result = train("run", tmp_path / "shards", "--arch", "tiny_models:tiny", "--epochs", "1", *FAST,
+                   "--schedule", "cosine", "--out", tmp_path / "run")
+    assert "val top-1" not in result.stdout and (tmp_path / "run" / "best.pt").is_file()
+
+
 def test_diverging_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(stats_shards, tmp_path):
     out = tmp_path / "run"
     # The model turns its output into NaN from its 9th training step: the second epoch.
@@ -114,6 +138,9 @@ def test_diverging_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(s
     (["run", "{shards}", "--device", "cpu", "--arch", "nope"], "unknown --arch 'nope': use alexnet, alexnet-owt"),
     (["run", "{shards}", "--gpus", "64"], "--gpus 64, but this machine has"),
     (["run", "{shards}", "--device", "cpu", "--batch-size", "1000"], "larger than the 60 training images"),
+    (["run", "{shards}", "--device", "cpu", "--batch-size", "8", "--lighting", "-1"], "lighting must not be negative"),
+    (["run", "{shards}", "--device", "cpu", "--batch-size", "8", "--crop-mode", "random-resized", "--normalize",
+      "mean-image"], "use --normalize channel"),
 ])
 def test_errors_are_one_line(stats_shards, args, message):
     result = invoke(*[a.format(shards=stats_shards) for a in args])

@@ -72,6 +72,13 @@ def resolve_processes(device, gpus, nproc) -> tuple[str, int]:
     return device, nproc or 1
 
 
+def world_size(processes: int) -> int:
+    """Processes over all nodes: WORLD_SIZE under torchrun, else the local count."""
+    from train import dist
+
+    return int(os.environ.get("WORLD_SIZE", processes)) if dist.under_launcher() else processes
+
+
 def launch(entrypoint, args: tuple, processes: int) -> dict:
     """In this process (one process, or already under torchrun), else N local processes."""
     from train import dist
@@ -108,7 +115,8 @@ def main():
 @click.option("--label-smoothing", type=float, help="Cross-entropy label smoothing.  [default: 0]")
 @click.option("--schedule", type=click.Choice(["plateau", "step", "cosine"]),
               help="plateau: lr/10 when val top-1 stalls for --patience epochs, at most 3 times (the paper); "
-                   "step: lr/10 every --step-epochs; cosine: to 0.  [default: plateau]")
+                   "step: lr/10 every --step-epochs; cosine: to 0 at the last epoch (growing --epochs on "
+                   "--resume stretches it).  [default: plateau]")
 @click.option("--patience", type=int, help="plateau: epochs without improvement before lr/10.  [default: 5]")
 @click.option("--step-epochs", type=int, help="step: epochs between divisions by 10.  [default: 30]")
 @click.option("--warmup-epochs", type=float, help="step, cosine: linear warm-up epochs.  [default: 0]")
@@ -118,7 +126,7 @@ def main():
 @click.option("--lighting", type=float, help="Std of the PCA-lighting alpha, 0 for none.  [default: 0.1]")
 @click.option("--normalize", type=click.Choice(["channel", "mean-image"]),
               help="channel: (x - mean) / std; mean-image: the paper's mean-image subtraction.  "
-                   "[default: mean-image for --arch alexnet, channel otherwise]")
+                   "[default: mean-image for --arch alexnet with paper crops, channel otherwise]")
 @click.option("--backend", type=click.Choice(["dali", "torch"]), help="Loader backend.  [default: dali if installed]")
 @click.option("--workers", type=int, help="Loader workers per process.  [default: 4]")
 @processes_options
@@ -140,16 +148,17 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, **options):
     if compile_ is not None:
         given["compile"] = compile_
     if resume:
-        config = resumed_config(resume, given, shards, out)
+        config = resumed_config(resume, given, shards, out).with_(device=device)
     else:
         values = {**PRESETS[preset](), **given, "device": device}
         # The paper's N(0, 0.01) initialisation expects its mean-subtracted 0-255 inputs: with
         # unit-variance inputs the paper's AlexNet starts far slower.
-        values.setdefault("normalize", "mean-image" if values.get("arch", "alexnet") == "alexnet" else "channel")
+        paper_input = values.get("arch", "alexnet") == "alexnet" and values.get("crop_mode", "paper") == "paper"
+        values.setdefault("normalize", "mean-image" if paper_input else "channel")
         values["shards"] = shards or os.environ.get(SHARDS_ENV, "shards")
         values["out"] = out or f"runs/{values.get('arch', 'alexnet').replace(':', '-').replace('.', '-')}"
         config = TrainConfig(**values)
-    check_run(config, processes, resume is not None)
+    check_run(config, world_size(processes), resume is not None)
     from train.loop import worker
 
     launch(worker, (config, resume is not None), processes)
@@ -181,7 +190,8 @@ def check_run(config, processes: int, resume: bool) -> None:
     train = open_shards(config.shards).split("train")
     if config.batch_size > len(train):
         raise click.ClickException(f"--batch-size {config.batch_size} is larger than the {len(train)} training images")
-    colour_stats(config.shards, AugmentSpec(lighting=config.lighting, normalize=config.normalize))
+    colour_stats(config.shards, AugmentSpec(lighting=config.lighting, normalize=config.normalize,
+                                            crop_mode=config.crop_mode))
     if config.schedule == "plateau" and "val" not in open_shards(config.shards).splits:
         raise click.ClickException(f"{config.shards} has no val split, which --schedule plateau needs; "
                                    "use --schedule step or cosine")
@@ -192,7 +202,7 @@ def check_run(config, processes: int, resume: bool) -> None:
 
 
 @main.command("eval")
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--ten-crop", is_flag=True, help="Average the softmax of the paper's 10 crops (else the centre crop).")
 @click.option("--shards", type=click.Path(file_okay=False), help="Shard folder.  [default: the run's own]")
 @click.option("--batch-size", default=128, show_default=True, help="Images per step over all processes.")
@@ -205,8 +215,8 @@ def evaluate(checkpoint, ten_crop, shards, batch_size, workers, backend, device,
     from train.loop import evaluate_checkpoint
 
     device, processes = resolve_processes(device, gpus, nproc)
-    if batch_size % processes:
-        raise click.ClickException(f"--batch-size {batch_size} does not divide over {processes} processes")
+    if batch_size % world_size(processes):
+        raise click.ClickException(f"--batch-size {batch_size} does not divide over {world_size(processes)} processes")
     result = launch(evaluate_checkpoint, (str(checkpoint), shards, ten_crop, batch_size,
                                           device, workers, backend), processes)
     views = "10 crops" if ten_crop else "centre crop"

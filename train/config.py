@@ -59,6 +59,12 @@ class TrainConfig:
             raise ConfigError("lr must be positive, weight decay non-negative, momentum in [0, 1)")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name in ("lighting", "workers", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.crop_mode == "random-resized" and self.normalize == "mean-image":
+            raise ConfigError("--crop-mode random-resized resizes its windows, so the mean image cannot be cut to "
+                              "match: use --normalize channel")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -35,28 +35,39 @@ class TrainingError(PrepError):
     """The run cannot go on (diverged, or cannot resume); the message says why."""
 
 
+def known_errors() -> tuple:
+    """Errors that mean "fix the input", reported as one line; anything else is a bug."""
+    from train.config import ConfigError
+    from train.models import UnknownArch
+
+    return PrepError, ConfigError, UnknownArch, FileNotFoundError
+
+
 def worker(config: TrainConfig, resume: bool) -> dict:
     """Entry point of each process; known errors come back as {"error": message}."""
     context = dist.setup(config.device)
     try:
         return run(config, resume, context)
-    except PrepError as error:
+    except known_errors() as error:
         return {"error": str(error)}
     finally:
         dist.teardown()
 
 
-def make_loaders(config: TrainConfig, context: dist.Context, eval_mode: str = "val"):
-    """(train loader, validation loader or None) for this rank."""
+def make_loaders(config: TrainConfig, context: dist.Context, eval_mode: str = "val", train: bool = True):
+    """(train loader or None, validation loader or None) for this rank."""
+    if config.batch_size % context.world_size:
+        raise TrainingError(f"--batch-size {config.batch_size} does not divide over {context.world_size} processes")
     per_rank = config.batch_size // context.world_size
     layout = "NHWC" if config.channels_last else "NCHW"  # NHWC permuted to NCHW is channels-last memory
     common = dict(backend=config.backend, device=context.device.type, rank=context.rank,
                   world_size=context.world_size, seed=config.seed, workers=config.workers)
     train_spec = AugmentSpec(mode="train", crop=config.crop, lighting=config.lighting, normalize=config.normalize,
                              layout=layout, crop_mode=config.crop_mode)
-    train = Loader(config.shards, "train", per_rank, train_spec, **common)
+    train = Loader(config.shards, "train", per_rank, train_spec, **common) if train else None
     val = None
-    if "val" in open_shards(config.shards).splits:
+    shard_set = open_shards(config.shards)
+    if "val" in shard_set.splits and len(shard_set.split("val")):
         val_spec = AugmentSpec(mode=eval_mode, crop=config.crop, lighting=0, normalize=config.normalize, layout=layout)
         val = Loader(config.shards, "val", per_rank, val_spec, **common)
     return train, val
@@ -94,7 +105,7 @@ def run(config: TrainConfig, resume: bool, context: dist.Context) -> dict:
     schedule = Schedule(optimizer, config, len(train_loader))
     scaler = torch.amp.GradScaler("cuda", enabled=context.device.type == "cuda" and config.amp == "fp16")
     torch.manual_seed(config.seed * 1_000_003 + context.rank + 1)  # dropout: each rank its own stream
-    start_epoch, step, best = 0, 0, -1.0
+    start_epoch, step, best = 0, 0, float("-inf")
     if resume:
         state = load_checkpoint(out / LAST)
         model.load_state_dict(state["model"])
@@ -117,6 +128,7 @@ def run(config: TrainConfig, resume: bool, context: dist.Context) -> dict:
         evaluator = torch.compile(model)
     else:
         evaluator = model  # evaluation bypasses DDP: ranks may run different numbers of batches
+    origin = provenance() if context.main else None
     if context.main:
         print_summary(config, context, model, train_loader, val_loader, start_epoch)
     result = {}
@@ -126,16 +138,17 @@ def run(config: TrainConfig, resume: bool, context: dist.Context) -> dict:
         train_loss, step = train_epoch(net, train_loader, optimizer, schedule, scaler, config, context, epoch, step)
         metrics = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": schedule.lr}
         if val_loader is not None:
+            val_loader.set_epoch(epoch)
             metrics.update({f"val_{k}": v for k, v in evaluate(evaluator, val_loader, config, context).items()})
         schedule.after_epoch(metrics.get("val_top1"))
         metrics["seconds"] = time.perf_counter() - started
-        improved = metrics.get("val_top1", -metrics["train_loss"]) > best
-        best = max(best, metrics.get("val_top1", -metrics["train_loss"]))
+        score = metrics.get("val_top1", -metrics["train_loss"])  # without a val split: the lowest train loss
+        improved, best = score > best, max(best, score)
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                  "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_top1": best,
                  "rng": dist.gather_objects(rng_states(), context), "loader": train_loader.state_dict(),
                  "config": config.as_dict(), "world_size": context.world_size, "classes": classes,
-                 "metrics": metrics, "provenance": provenance()}
+                 "metrics": metrics, "provenance": origin}
         if context.main:
             save_checkpoint(out / LAST, state)
             if improved:
@@ -244,13 +257,13 @@ def evaluate_checkpoint(path, shards: str | None, ten_crop: bool, batch_size: in
         config = TrainConfig.from_dict(state["config"]).with_(
             shards=shards or state["config"]["shards"], batch_size=batch_size, device=device, workers=workers,
             backend=backend, channels_last=False, compile=False)
-        _, val = make_loaders(config, context, eval_mode="test10" if ten_crop else "val")
+        _, val = make_loaders(config, context, eval_mode="test10" if ten_crop else "val", train=False)
         if val is None:
             return {"error": f"{config.shards} has no val split to evaluate on"}
         model = build_model(config.arch, len(state["classes"])).to(context.device)
         model.load_state_dict(state["model"])
         return evaluate(model, val, config, context)
-    except PrepError as error:
+    except known_errors() as error:
         return {"error": str(error)}
     finally:
         dist.teardown()

@@ -37,12 +37,13 @@ def plot_curves(run: Path) -> Path:
     if any("val_loss" in r for r in records):
         loss.plot(epochs, [r.get("val_loss") for r in records], marker="o", label="val")
     loss.set(title="loss", xlabel="epoch")
-    loss.legend()
+    loss.legend()  # "train" is always there
     for key, name in (("val_top1", "top-1"), ("val_top5", "top-5")):
         if any(key in r for r in records):
             accuracy.plot(epochs, [100 * r[key] if key in r else None for r in records], marker="o", label=name)
     accuracy.set(title="validation accuracy (%)", xlabel="epoch", ylim=(0, 100))
-    accuracy.legend()
+    if accuracy.lines:
+        accuracy.legend()
     lr.plot(epochs, [r["lr"] for r in records], marker="o")
     lr.set(title="learning rate", xlabel="epoch", yscale="log")
     path = Path(run) / "curves.png"
