@@ -25,7 +25,7 @@ from prep.engines import run_local, run_ray
 from prep.errors import OutputError, PrepError, ShardFormatError
 from prep.plan import ShardOptions, ShardTask, make_plan, plan_fingerprint
 from prep.shards import (MANIFEST, MANIFEST_FORMAT, MEAN_IMAGE, REJECTS, STATS, VERSION, read_manifest,
-                         write_manifest)
+                         read_rejects, write_manifest)
 from prep.sources import SPLITS, Dataset
 
 RUN_FILE = "run.json"
@@ -134,7 +134,7 @@ def _journal_from_manifest(out: Path) -> None:
     """Turn a complete run's manifest back into task records, for the shards still on disk."""
     manifest = read_manifest(out)
     rejects: dict[str, list] = {}
-    for reject in _read_jsonl(out / REJECTS):
+    for reject in read_rejects(out):
         if reject.get("shard"):
             rejects.setdefault(reject["shard"], []).append([reject["path"], reject["reason"]])
     (out / JOURNAL).mkdir(exist_ok=True)
@@ -146,12 +146,6 @@ def _journal_from_manifest(out: Path) -> None:
                           "rejects": rejects.get(name, [])}
                 atomic_write_text(out / JOURNAL / f"{name}.json", json.dumps(record))
     (out / MANIFEST).unlink()
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _finished_records(out: Path, tasks: list[ShardTask]) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from prep.atomic import atomic_path
+from prep.errors import PrepError
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -28,7 +29,7 @@ def save_checkpoint(path, state: dict) -> None:
 def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise PrepError(f"no checkpoint at {path}")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -12,34 +12,16 @@ Set IMGPREP_DEBUG=1 to see the traceback behind a one-line error.
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
 import click
 
+from prep.cli import report_errors
+
 SHARDS_ENV = "IMGPREP_SHARDS"
 # TrainConfig fields a resumed run may change: how long, and how it reads its data.
 RESUMABLE_CHANGES = ("epochs", "workers", "backend")
-
-
-def report_errors(command):
-    """Known errors become one line (exit 1); anything else keeps its traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from prep.errors import PrepError
-        from train.config import ConfigError
-        from train.models import UnknownArch
-
-        try:
-            return command(*args, **kwargs)
-        except (PrepError, ConfigError, UnknownArch, FileNotFoundError) as error:
-            if os.environ.get("IMGPREP_DEBUG"):
-                raise
-            raise click.ClickException(f"{error}  (IMGPREP_DEBUG=1 shows the traceback)") from None
-
-    return wrapper
 
 
 def processes_options(command):

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from prep.errors import PrepError
+
 SCHEDULES = ("plateau", "step", "cosine")
 CROP_MODES = ("paper", "random-resized")
 AMP = ("bf16", "fp16", "off")
 
 
-class ConfigError(ValueError):
+class ConfigError(PrepError, ValueError):
     """An option, or a combination of options, that cannot work."""
 
 

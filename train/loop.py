@@ -35,20 +35,12 @@ class TrainingError(PrepError):
     """The run cannot go on (diverged, or cannot resume); the message says why."""
 
 
-def known_errors() -> tuple:
-    """Errors that mean "fix the input", reported as one line; anything else is a bug."""
-    from train.config import ConfigError
-    from train.models import UnknownArch
-
-    return PrepError, ConfigError, UnknownArch, FileNotFoundError
-
-
 def worker(config: TrainConfig, resume: bool) -> dict:
     """Entry point of each process; known errors come back as {"error": message}."""
     context = dist.setup(config.device)
     try:
         return run(config, resume, context)
-    except known_errors() as error:
+    except PrepError as error:  # "fix the input": one line; anything else keeps its traceback
         return {"error": str(error)}
     finally:
         dist.teardown()
@@ -217,9 +209,7 @@ def evaluate(model, loader, config: TrainConfig, context) -> dict:
     with torch.no_grad(), autocast(config, context.device):
         for images, labels in loader:
             views = images.shape[1] if images.dim() == 5 else 1
-            flat = images.flatten(0, 1) if views > 1 else images
-            if config.channels_last:
-                flat = flat.permute(0, 3, 1, 2)
+            flat = to_model_input(images.flatten(0, 1) if views > 1 else images, config)
             probabilities = model(flat).float().softmax(-1).view(len(labels), views, -1).mean(1)
             top = probabilities.topk(min(5, probabilities.shape[-1]), dim=-1).indices
             correct1 += float((top[:, 0] == labels).sum())
@@ -263,7 +253,7 @@ def evaluate_checkpoint(path, shards: str | None, ten_crop: bool, batch_size: in
         model = build_model(config.arch, len(state["classes"])).to(context.device)
         model.load_state_dict(state["model"])
         return evaluate(model, val, config, context)
-    except known_errors() as error:
+    except PrepError as error:
         return {"error": str(error)}
     finally:
         dist.teardown()

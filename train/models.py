@@ -12,6 +12,8 @@ import importlib
 import torch
 from torch import nn
 
+from prep.errors import PrepError
+
 
 class AlexNet(nn.Module):
     """Krizhevsky, Sutskever and Hinton (NIPS 2012), 60,965,224 parameters at 1000 classes.
@@ -106,7 +108,7 @@ class AlexNetOWT(nn.Module):
 MODELS = {"alexnet": AlexNet, "alexnet-owt": AlexNetOWT}
 
 
-class UnknownArch(ValueError):
+class UnknownArch(PrepError, ValueError):
     """--arch names nothing we can build; the message lists what is valid."""
 
 
