@@ -1,80 +1,75 @@
 """The DALI graph: shard samples -> crop, mirror, lighting and normalisation in one fused op.
 
-DALI has no HDF5 reader, so a parallel ``external_source`` callback reads one sample per call
-in DALI's Python worker processes. The callback owns order, rank split and augmentation
-parameters (``augment.params``, the same function the torch backend uses) and returns, per
-sample: the image (uint8 HWC, or the JPEG bytes), the label, the lighting offset and (train
-and val) the window corner as DALI's relative crop position and the mirror flag. Then one
-``crop_mirror_normalize`` does everything, with lighting folded into a per-sample mean:
+DALI has no HDF5 reader, so a parallel ``external_source`` callback feeds it, one call per
+batch, in DALI's Python worker processes. The callback takes its batch from the plan
+(``augment.feed``: order, rank split and augmentation parameters, the same the torch backend
+uses) and returns, as arrays: the images as stored (views into the shards' memory maps, which
+DALI copies once into its shared memory; or the JPEG bytes), the labels, the lighting offsets
+and (train and val) the window corners as DALI's relative crop positions and the mirror flags.
+Then one ``crop_mirror_normalize`` does everything, with lighting folded into a per-sample mean:
 
     (v + offset - mean) / std  =  (v - (mean - offset)) / std
 
-The source is an endless stream: sample k of it belongs to epoch first_epoch + k // per_epoch.
-It never raises StopIteration, so DALI keeps prefetching across epoch boundaries and the
-Loader takes exactly one epoch's batches at a time. Evaluation pads its last batch with
-label -1 samples, which the Loader drops: DALI batches are always full.
+The stream is endless (``augment.feed``): it never raises StopIteration, so DALI keeps
+prefetching across epoch boundaries and the Loader takes exactly one epoch's batches at a time.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from augment.colour import ColourStats, lighting_offsets
-from augment.params import sample_params
-from augment.sampler import batches_per_epoch, rank_samples
+from augment.feed import BatchPlan
 from augment.spec import AugmentSpec
 from augment.torch_ops import ten_crop_corners
+from prep.lifeline import signals_left_to_parent
 
 
 class ShardSource:
-    """The external_source callback; picklable, it opens the shards lazily in each worker."""
+    """The batch callback of ``fn.external_source``; picklable, it opens the shards lazily in
+    each worker. Call k returns batch k of the stream that starts at (first_epoch, first_position)."""
 
-    def __init__(self, root, split: str, spec: AugmentSpec, colour: ColourStats, batch_size: int, rank: int,
-                 world_size: int, seed: int, first_epoch: int, skip_samples: int):
-        self.root, self.split, self.spec, self.colour = str(root), split, spec, colour
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.first_epoch, self.skip_samples = first_epoch, skip_samples
+    def __init__(self, root, split: str, plan: BatchPlan, colour: ColourStats, first_epoch: int,
+                 first_position: int):
+        self.root, self.split, self.plan, self.colour = str(root), split, plan, colour
+        self.first_epoch, self.first_position = first_epoch, first_position
+        self.parent_pid = os.getpid()  # the training process: workers must not outlive it
         self._reader = None
-        self._order = (None, None)  # (epoch, sample indices of this rank in that epoch)
 
     def _open(self):
+        from prep.lifeline import become_worker
         from prep.shards import open_shards
 
+        if os.getpid() != self.parent_pid:
+            become_worker(self.parent_pid)
         self._reader = open_shards(self.root).split(self.split)
-        self.size = self._reader.size
-        self.per_epoch = self.batch_size * batches_per_epoch(
-            len(self._reader), self.batch_size, self.rank, self.world_size, self.spec.random)
 
-    def __call__(self, sample_info):
+    def __call__(self, iteration: int):
         if self._reader is None:
             self._open()
-        k = sample_info.idx_in_epoch + self.skip_samples
-        epoch, position = self.first_epoch + k // self.per_epoch, k % self.per_epoch
-        if self._order[0] != epoch:
-            self._order = (epoch, rank_samples(len(self._reader), self.batch_size, self.rank, self.world_size,
-                                               self.spec.random, self.seed, epoch))
-        order = self._order[1]
-        index = int(order[min(position, len(order) - 1)])
-        stored, label = self._reader.stored(index)
-        if position >= len(order):
-            label = -1  # padding of the last evaluation batch
-        params = sample_params(self.spec, self.size, self.seed, epoch, [index])
-        offset = lighting_offsets(params.alpha, self.colour)[0].astype(np.float32)
-        label = np.array(label, np.int64)
-        if self.spec.mode == "test10":  # fixed windows: no per-sample position or mirror
-            return stored, label, offset
-        mirror = np.array(params.mirror[0], np.int32)
+        plan, spec = self.plan, self.plan.spec
+        batch = plan.batch(*plan.locate(self.first_epoch, self.first_position, iteration))
+        stored = self._reader.stored_many(batch.indices)
+        params = batch.params
+        offsets = lighting_offsets(params.alpha, self.colour).astype(np.float32)
+        if spec.mode == "test10":  # fixed windows: no per-sample position or mirror
+            return stored, batch.labels, offsets
+        mirror = params.mirror.astype(np.int32)
         if params.width is not None:  # random-resized: the window as a region of interest (y, x)
-            x, y, w, h = params.x[0], params.y[0], params.width[0], params.height[0]
-            return (stored, label, offset, np.array([y, x], np.float32), np.array([y + h, x + w], np.float32), mirror)
-        span = max(self.size - self.spec.crop, 1)  # DALI's anchor is round(pos * (S - crop))
-        return (stored, label, offset, np.array(params.x[0] / span, np.float32),
-                np.array(params.y[0] / span, np.float32), mirror)
+            start = np.stack([params.y, params.x], axis=1).astype(np.float32)
+            end = start + np.stack([params.height, params.width], axis=1).astype(np.float32)
+            return stored, batch.labels, offsets, start, end, mirror
+        span = max(plan.size - spec.crop, 1)  # DALI's anchor is round(pos * (S - crop))
+        return (stored, batch.labels, offsets, (params.x / span).astype(np.float32),
+                (params.y / span).astype(np.float32), mirror)
 
 
 def build_pipeline(source: ShardSource, spec: AugmentSpec, encoding: str, size: int, batch_size: int,
-                   device: str, workers: int):
-    """A started DALI pipeline yielding (images, labels) batches of ``spec``."""
+                   device: str, workers: int, feed_only: bool = False):
+    """A started DALI pipeline yielding (images, labels) batches of ``spec``. ``feed_only``: the
+    source's (stored images, labels) as they are, no image operation (tools/bench_feed)."""
     from nvidia.dali import fn, pipeline_def, types
 
     cuda = device == "cuda"
@@ -93,9 +88,14 @@ def build_pipeline(source: ShardSource, spec: AugmentSpec, encoding: str, size: 
                   prefetch_queue_depth=2)
     def graph():
         ten = spec.mode == "test10"
+        # Batch mode: each batch is one worker's task, so the workers run in parallel only as
+        # far as batches are prefetched: keep every worker busy, plus one batch in hand.
         image, label, offset, *window_params = fn.external_source(
-            source=source, num_outputs=3 if ten else 6, parallel=True, batch=False,
+            source=source, num_outputs=3 if ten else 6, parallel=True, batch=True,
+            prefetch_queue_depth=max(1, workers) + 1,
             dtype=[types.UINT8, types.INT64, types.FLOAT] + ([] if ten else [types.FLOAT, types.FLOAT, types.INT32]))
+        if feed_only:
+            return image, label
         if encoding == "jpeg":
             image = fn.decoders.image(image, device="mixed" if cuda else "cpu", output_type=types.RGB)
         elif cuda:
@@ -130,5 +130,6 @@ def build_pipeline(source: ShardSource, spec: AugmentSpec, encoding: str, size: 
         return window(*window_params), label
 
     pipe = graph()
-    pipe.start_py_workers()
+    with signals_left_to_parent():  # forked workers leave Ctrl-C and SIGTERM to this process
+        pipe.start_py_workers()
     return pipe

@@ -1,33 +1,41 @@
 """``Loader``: batches of augmented shard images on a device, from DALI or from plain torch.
 
-    loader = Loader("shards", "train", batch_size=128, spec=AugmentSpec(), device="cuda",
-                    rank=rank, world_size=world, seed=0, workers=4)
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        for images, labels in loader: ...
+    with Loader("shards", "train", batch_size=128, spec=AugmentSpec(), device="cuda",
+                rank=rank, world_size=world, seed=0, workers=4) as loader:
+        for epoch in range(epochs):
+            loader.set_epoch(epoch)
+            for images, labels in loader: ...
 
 Order, rank split and augmentation are functions of (seed, epoch, sample index, rank, world
-size) only (``augment.sampler``, ``augment.params``), so both backends give the same
-batches, and ``state_dict``/``load_state_dict`` resume mid-epoch exactly.
+size) only (``augment.feed``), so both backends give the same batches, and
+``state_dict``/``load_state_dict`` resume mid-epoch exactly. Worker processes do one thing per
+batch: copy its images out of the shards' memory maps (or their JPEG bytes) once; everything
+else is arrays computed once per batch, and the image maths runs in DALI or in batched torch
+ops on the device.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import threading
+import weakref
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from augment.colour import colour_stats
 from augment.errors import AugmentError
-from augment.params import sample_params
-from augment.sampler import batches_per_epoch, rank_samples
+from augment.feed import BatchPlan, PlannedBatch
 from augment.spec import AugmentSpec
-from augment.torch_ops import finish_windows, ten_crop_batch
+from augment.torch_ops import augment_batch, ten_crop_batch
+from prep.lifeline import become_worker, signals_left_to_parent
 from prep.shards import open_shards
 
 BACKENDS = ("dali", "torch")
+STOP_GRACE_SECONDS = 5  # a worker that has not left this long after being told to is killed
 
 
 def dali_available() -> bool:
@@ -35,6 +43,10 @@ def dali_available() -> bool:
 
 
 class Loader:
+    """Batches of one rank, one epoch per iteration. Worker processes start on the first
+    iteration and run on across epochs; ``close()`` (or leaving a ``with Loader(...)`` block)
+    stops them for certain. Call it: worker processes do not end by themselves."""
+
     def __init__(self, shards, split: str = "train", batch_size: int = 128, spec: AugmentSpec = AugmentSpec(),
                  backend: str | None = None, device: str = "cuda", rank: int = 0, world_size: int = 1,
                  seed: int = 0, workers: int = 4):
@@ -50,6 +62,8 @@ class Loader:
             raise AugmentError("device='cuda' but torch sees no CUDA GPU: use device='cpu'")
         if not 0 <= rank < world_size:
             raise AugmentError(f"rank {rank} is outside a world of {world_size}")
+        if workers < 0:
+            raise AugmentError(f"workers must be 0 or more, got {workers}")
         self.shard_set = open_shards(shards)
         self.reader = self.shard_set.split(split)
         self.size = self.shard_set.size
@@ -65,13 +79,22 @@ class Loader:
         self.seed, self.workers = seed, workers
         self.colour = colour_stats(shards, spec)
         self.labels = self.reader.labels
+        self.plan = BatchPlan(self.labels, spec, self.size, batch_size, rank, world_size, seed)
         self.epoch, self.position = 0, 0  # next batch to yield: batch `position` of `epoch`
-        self._dali = None  # the running DALI stream (an endless iterator) ...
-        self._dali_at = None  # ... and the (epoch, batch) its next batch belongs to
+        self._stream = None  # the running stream of batches (an endless iterator) ...
+        self._stream_at = None  # ... the (epoch, batch) its next batch belongs to ...
+        self._stop_stream = None  # ... how to stop its workers ...
+        self._worker_pids: list[int] = []  # ... and their process ids
         self._mean_image_tensor = None
 
     def __len__(self) -> int:
-        return batches_per_epoch(len(self.reader), self.batch_size, self.rank, self.world_size, self.spec.random)
+        return self.plan.per_epoch
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.position = epoch, 0
@@ -83,69 +106,108 @@ class Loader:
         if state["seed"] != self.seed or state["world_size"] != self.world_size:
             raise AugmentError(f"loader state was saved with seed {state['seed']} and world size "
                                f"{state['world_size']}; this loader has {self.seed} and {self.world_size}")
-        self.epoch, self.position = state["epoch"], state["position"]
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= len(self):
+            raise AugmentError(f"loader state (epoch {epoch}, batch {position}) is outside an epoch of "
+                               f"{len(self)} batches")
+        self.epoch, self.position = epoch, position
 
     def __iter__(self):
         if len(self) == 0:  # more ranks than evaluation images: this rank has none
             return
         if self.position >= len(self):  # a finished epoch iterated again repeats it (as torch's samplers do)
             self.position = 0
-        batches = self._dali_batches() if self.backend == "dali" else self._torch_batches()
-        for images, labels in batches:
+        wanted = (self.epoch, self.position)
+        # Evaluation batches do not depend on the epoch: any epoch's stream at this position will do.
+        current = self._stream_at and (self._stream_at if self.spec.random else (self.epoch, self._stream_at[1]))
+        if self._stream is None or current != wanted:
+            self._start_stream()
+        for _ in range(len(self) - self.position):
+            images, labels = next(self._stream)
+            epoch, position = self._stream_at
+            self._stream_at = (epoch + 1, 0) if position + 1 == len(self) else (epoch, position + 1)
             self.position += 1
             yield images, labels
 
-    # ------------------------------------------------------------------------- torch backend
+    def close(self) -> None:
+        """Stop the stream's worker processes (and DALI's pipeline) now; safe to call twice.
+        A later iteration starts a new stream."""
+        stop, self._stop_stream, self._stream, self._stream_at = self._stop_stream, None, None, None
+        self._worker_pids = []
+        if stop is not None:
+            _running_streams.discard(stop)
+            stop()
 
-    def _torch_batches(self):
-        indices = rank_samples(len(self.reader), self.batch_size, self.rank, self.world_size, self.spec.random,
-                               self.seed, self.epoch)
-        chunks = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        cuda = self.device == "cuda"
-        stream = torch.utils.data.DataLoader(
-            _BatchReader(self.reader, self.spec, self.seed, self.epoch), sampler=chunks[self.position :],
-            batch_size=None, num_workers=self.workers, pin_memory=cuda,
-        )
-        for pixels, labels, batch_indices in stream:
-            pixels = pixels.to(self.device, non_blocking=cuda)
-            labels = labels.to(self.device, non_blocking=cuda)
-            if self.spec.mode == "test10":
-                yield ten_crop_batch(pixels, self.spec, self.colour), labels
-            else:
-                params = sample_params(self.spec, self.size, self.seed, self.epoch, batch_indices.numpy())
-                yield finish_windows(pixels, params, self.spec, self.colour, self._mean_image()), labels
+    def worker_pids(self) -> list[int]:
+        """Process ids of the running stream's workers (none before the first batch, or after close)."""
+        return list(self._worker_pids)
+
+    def _start_stream(self) -> None:
+        self.close()
+        start = self._start_dali if self.backend == "dali" else self._start_torch
+        self._stream, stop, self._worker_pids = start(self.epoch, self.position)
+        # Stopped by close(), else when this Loader is garbage, else at interpreter exit.
+        _stop_streams_before_multiprocessing_exits()
+        finalizer = weakref.finalize(self, stop)
+        finalizer.atexit = False  # _stop_all_at_exit runs earlier
+        _running_streams.difference_update([f for f in _running_streams if not f.alive])
+        _running_streams.add(finalizer)
+        self._stop_stream = finalizer
+        self._stream_at = (self.epoch, self.position)
 
     # ------------------------------------------------------------------------- DALI backend
 
-    def _dali_batches(self):
-        wanted = (self.epoch, self.position)
-        # Evaluation batches do not depend on the epoch: any epoch's stream at this position will do.
-        current = self._dali_at and (self._dali_at if self.spec.random else (self.epoch, self._dali_at[1]))
-        if self._dali is None or current != wanted:
-            self._start_dali()
-        for _ in range(len(self) - self.position):
-            output = next(self._dali)[0]
-            images, labels = output["images"], output["labels"].reshape(-1)
-            keep = labels >= 0
-            if not bool(keep.all()):  # padding of the last evaluation batch
-                images, labels = images[keep], labels[keep]
-            epoch, position = self._dali_at
-            self._dali_at = (epoch + 1, 0) if position + 1 == len(self) else (epoch, position + 1)
-            yield images, labels
-
-    def _start_dali(self):
-        """(Re)start the endless DALI stream at batch ``position`` of ``epoch``."""
+    def _start_dali(self, epoch: int, position: int):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         from augment.dali_pipeline import ShardSource, build_pipeline
 
-        self.close()
-        source = ShardSource(self.shard_set.root, self.split, self.spec, self.colour, self.batch_size, self.rank,
-                             self.world_size, self.seed, self.epoch, self.position * self.batch_size)
+        source = ShardSource(self.shard_set.root, self.split, self.plan, self.colour, epoch, position)
         pipe = build_pipeline(source, self.spec, self.shard_set.encoding, self.size, self.batch_size, self.device,
                               self.workers)
-        self._dali = DALIGenericIterator(pipe, ["images", "labels"], auto_reset=False)
-        self._dali_at = (self.epoch, self.position)
+        iterator = DALIGenericIterator(pipe, ["images", "labels"], auto_reset=False)
+
+        def batches():
+            for (output,) in iterator:
+                images, labels = output["images"], output["labels"].reshape(-1)
+                keep = labels >= 0
+                if not bool(keep.all()):  # the repeated samples of the last evaluation batch
+                    images, labels = images[keep], labels[keep]
+                yield images, labels
+
+        pool = getattr(pipe, "_py_pool", None)
+        return batches(), lambda: stop_dali(pipe), pool.pids() if pool is not None else []
+
+    # ------------------------------------------------------------------------- torch backend
+
+    def _start_torch(self, epoch: int, position: int):
+        """Worker processes gather each batch's uint8 images into a ring of shared buffers
+        (one copy an image); here the batch goes to the device whole and is cut, mirrored,
+        lit and normalised there by batched ops (``torch_ops.augment_batch``)."""
+        iterator, ring = start_torch_feed(self, epoch, position)
+        cuda = self.device == "cuda"
+        mean_image = self._mean_image()
+
+        def batches():
+            while True:
+                ring.before_fetch()
+                filled = next(iterator)
+                images = ring.to_device(filled.slot)
+                batch = filled.batch
+                if self.spec.mode == "test10":
+                    out = ten_crop_batch(images, self.spec, self.colour, mean_image)
+                else:
+                    out = augment_batch(images, batch.params, self.spec, self.colour, mean_image)
+                labels = torch.from_numpy(batch.labels[: batch.count]).to(self.device, non_blocking=cuda)
+                yield out[: batch.count], labels
+
+        def stop():
+            shutdown = getattr(iterator, "_shutdown_workers", None)  # joins them (a single-process iterator has none)
+            if shutdown is not None:
+                shutdown()
+            ring.release()
+
+        return batches(), stop, [worker.pid for worker in getattr(iterator, "_workers", [])]
 
     def _mean_image(self):
         """The mean image as a device tensor, copied there once (mean-image normalisation)."""
@@ -155,40 +217,158 @@ class Loader:
             self._mean_image_tensor = torch.as_tensor(self.colour.mean_image, device=self.device)
         return self._mean_image_tensor
 
-    def close(self) -> None:
-        """Drop the DALI stream; DALI stops its pipeline and worker processes when it is freed."""
-        self._dali = None
+
+def start_torch_feed(loader: Loader, epoch: int, position: int):
+    """(iterator of filled slots, their ring): the torch backend's worker side, started."""
+    ring = SlotRing(loader.workers, loader.batch_size, loader.size, loader.device)
+    filler = _SlotFiller(loader.shard_set.root, loader.split, loader.plan, ring.slots, epoch, position)
+    stream = torch.utils.data.DataLoader(
+        # Its own generator: a DataLoader draws a seed when it starts, which must not move the
+        # global torch RNG (dropout), or a resumed run would draw other dropout masks.
+        filler, sampler=range(2**62), batch_size=None, num_workers=loader.workers, generator=torch.Generator(),
+        prefetch_factor=ring.prefetch if loader.workers else None,
+        worker_init_fn=_WorkerStart(os.getpid()) if loader.workers else None)
+    with signals_left_to_parent():
+        iterator = iter(stream)  # forks the workers
+    return iterator, ring
 
 
-class _BatchReader(torch.utils.data.Dataset):
-    """Reads one whole batch per call in the DataLoader's worker processes, and cuts each
-    sample's window (and mirrors it) there: less to copy to the device, the same maths as
-    ``torch_ops.crop`` and ``torch_ops.mirror``. test10 batches stay whole."""
+_running_streams: set = set()  # finalizers of streams, stopped at exit by _stop_all_at_exit
 
-    def __init__(self, reader, spec: AugmentSpec, seed: int, epoch: int):
-        self.reader, self.spec, self.seed, self.epoch = reader, spec, seed, epoch
 
-    def __getitem__(self, indices):
-        size, crop = self.reader.size, self.spec.crop
-        whole = self.spec.mode == "test10"
-        side = size if whole else crop
-        pixels = np.empty((len(indices), side, side, 3), dtype=np.uint8)
-        labels = np.empty(len(indices), dtype=np.int64)
-        params = sample_params(self.spec, size, self.seed, self.epoch, indices)
-        raw = self.reader.encoding == "raw"
-        for i, index in enumerate(indices):
-            image, labels[i] = self.reader.stored(int(index)) if raw else self.reader[int(index)]
-            if not whole:
-                x, y = params.x[i], params.y[i]
-                if params.width is None:
-                    image = image[y : y + crop, x : x + crop]
-                else:  # random-resized: uint8 antialiased bilinear, torch's vectorised kernel
-                    window = torch.from_numpy(np.ascontiguousarray(image[y : y + params.height[i], x : x + params.width[i]]))
-                    image = F.interpolate(window.permute(2, 0, 1)[None], size=(crop, crop), mode="bilinear",
-                                          antialias=True)[0].permute(1, 2, 0).numpy()
-                image = image[:, ::-1] if params.mirror[i] else image
-            pixels[i] = image
-        return torch.from_numpy(pixels), torch.from_numpy(labels), torch.as_tensor(indices)
+def _stop_streams_before_multiprocessing_exits() -> None:
+    """At interpreter exit, multiprocessing's handler waits for child processes (and sends
+    daemonic ones a SIGTERM, which our workers ignore). atexit runs handlers last-registered
+    first, so (re)registering ours after importing multiprocessing.util stops the streams first."""
+    import atexit
+    import multiprocessing.util  # noqa: F401  (registers its exit handler now, if not yet)
 
-    def __len__(self):
-        return len(self.reader)
+    atexit.unregister(_stop_all_at_exit)
+    atexit.register(_stop_all_at_exit)
+
+
+def _stop_all_at_exit() -> None:
+    for finalizer in list(_running_streams):
+        finalizer()  # a finalizer runs its function once; later calls do nothing
+
+
+class SlotRing:
+    """Shared uint8 buffers [slots, B, S, S, 3] that torch-backend workers fill in turn.
+
+    Batch k goes to slot k % slots. The DataLoader keeps at most ``workers * prefetch`` tasks
+    ahead and hands out the next task when this process takes a batch, so with two slots more
+    than that, taking batch r lets a worker start on the slot of batch r - 2, which this process
+    finished with before asking for batch r - 1. On a GPU the buffers are page-locked once
+    (cudaHostRegister) and copied asynchronously; before taking batch r we wait for the copy out
+    of the slot of batch r - 2 (long done: it was issued a whole step earlier).
+    """
+
+    def __init__(self, workers: int, batch_size: int, size: int, device: str):
+        self.prefetch = 2
+        count = workers * self.prefetch + 2 if workers else 2
+        self.slots = torch.empty((count, batch_size, size, size, 3), dtype=torch.uint8)
+        if workers:
+            self.slots.share_memory_()
+        self.device = device
+        self.registered = False
+        self._copies = deque()
+        if device == "cuda":
+            cudart = torch.cuda.cudart()
+            self.registered = int(cudart.cudaHostRegister(self.slots.data_ptr(), self.slots.nbytes, 0)) == 0
+
+    def before_fetch(self) -> None:
+        if len(self._copies) == 2:
+            self._copies.popleft().synchronize()
+
+    def to_device(self, slot: int) -> torch.Tensor:
+        images = self.slots[slot]
+        if self.device != "cuda":
+            return images
+        images = images.to(self.device, non_blocking=self.registered)
+        done = torch.cuda.Event()
+        done.record()
+        self._copies.append(done)
+        return images
+
+    def release(self) -> None:
+        if self.registered:
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaHostUnregister(self.slots.data_ptr())
+            self.registered = False
+
+
+@dataclass(frozen=True)
+class _Filled:
+    slot: int
+    batch: PlannedBatch  # a plain object: the DataLoader passes it pickled, not as shared tensors
+
+
+class _SlotFiller(torch.utils.data.Dataset):
+    """Task k: batch k of the stream that starts at (first_epoch, first_position), its images
+    copied into slot k % slots."""
+
+    def __init__(self, root, split: str, plan: BatchPlan, slots: torch.Tensor, first_epoch: int,
+                 first_position: int):
+        self.root, self.split, self.plan, self.slots = str(root), split, plan, slots
+        self.first_epoch, self.first_position = first_epoch, first_position
+        self._reader = None
+
+    def __getitem__(self, k: int) -> _Filled:
+        if self._reader is None:  # opened in the worker: HDF5 handles do not survive a fork
+            self._reader = open_shards(self.root).split(self.split)
+        batch = self.plan.batch(*self.plan.locate(self.first_epoch, self.first_position, k))
+        slot = k % len(self.slots)
+        self._reader.gather(batch.indices, self.slots[slot].numpy())
+        return _Filled(slot, batch)
+
+    def __len__(self) -> int:
+        return 2**62
+
+
+class _WorkerStart:
+    """worker_init_fn: the worker dies with this process and leaves group signals to it."""
+
+    def __init__(self, parent_pid: int):
+        self.parent_pid = parent_pid
+
+    def __call__(self, worker_id: int) -> None:
+        become_worker(self.parent_pid)
+
+
+def stop_dali(pipe) -> None:
+    """Stop a DALI pipeline and its Python worker processes, for certain.
+
+    DALI stops them only when the pipeline is garbage-collected, and its processes are not
+    daemons: left alone they kept a finished two-process run waiting at exit. Its pool asks each
+    worker to leave and then waits; a worker that does not (it ignores SIGTERM, see
+    ``prep.lifeline``) is killed after STOP_GRACE_SECONDS so that wait always ends.
+    """
+    pool = getattr(pipe, "_py_pool", None)
+    pids = pool.pids() if pool is not None else []
+    pipe._shutdown()  # the executor first: nothing may wait on the workers while they go
+    if pool is None:
+        return
+    killer = threading.Timer(STOP_GRACE_SECONDS, kill_children, args=(pids,))
+    killer.daemon = True
+    killer.start()
+    try:
+        pool.close()
+    finally:
+        killer.cancel()
+
+
+def kill_children(pids) -> None:
+    """SIGKILL those of ``pids`` that are still children of this process."""
+    import signal
+
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -39,11 +39,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
 
 
+_held_locks: set[int] = set()  # descriptors of the folder locks this process holds
+
+
 @contextlib.contextmanager
 def locked_folder(folder, what: str = "imgprep"):
     """Hold an exclusive lock on ``folder`` (created if needed): a second concurrent writer is
-    refused with one line instead of interleaving its files with ours. Processes forked while
-    it is held share it, so a killed run's orphaned workers keep it until they finish."""
+    refused with one line instead of interleaving its files with ours. The kernel drops the
+    lock when the last descriptor of it closes, so a holder that dies, even by kill -9, frees
+    it, provided its worker processes do not keep a copy: they call ``release_inherited_locks``."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise OutputError(f"output folder {folder} is a file; choose a folder")
     try:
         os.makedirs(folder, exist_ok=True)
         fd = os.open(folder, os.O_RDONLY)
@@ -54,9 +60,21 @@ def locked_folder(folder, what: str = "imgprep"):
     except BlockingIOError:
         os.close(fd)
         raise OutputError(f"another {what} is writing to {folder}; wait for it or choose another folder") from None
+    _held_locks.add(fd)
     try:
         if not os.access(folder, os.W_OK):
             raise OutputError(f"output folder {folder} is not writable")
         yield
     finally:
+        _held_locks.discard(fd)
         os.close(fd)
+
+
+def release_inherited_locks() -> None:
+    """In a forked worker: close the copies of the parent's folder locks. Closing a copy does
+    not unlock (the parent's descriptor still holds the lock); it only stops this worker from
+    holding the folder locked after the parent is gone."""
+    for fd in list(_held_locks):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()

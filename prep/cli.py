@@ -23,7 +23,7 @@ SHARDS_ENV = "IMGPREP_SHARDS"
 
 
 def report_errors(command):
-    """Our own errors become one line (exit 1); anything else keeps its traceback."""
+    """Our own errors become one line (exit 1), Ctrl-C exits 130; anything else keeps its traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -35,6 +35,9 @@ def report_errors(command):
             if os.environ.get("IMGPREP_DEBUG"):
                 raise
             raise click.ClickException(f"{error}  (IMGPREP_DEBUG=1 shows the traceback)") from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise SystemExit(130) from None
 
     return wrapper
 
@@ -106,6 +109,7 @@ def shard(src, out, size, policy, encoding, quality, shard_size, seed, max_pixel
     shards are kept. The same input and options always give byte-identical shards.
     """
     from prep.job import run_shard_job
+    from prep.lifeline import sigterm_as_interrupt
     from prep.plan import ShardOptions
     from prep.sources import scan_source
 
@@ -119,8 +123,9 @@ def shard(src, out, size, policy, encoding, quality, shard_size, seed, max_pixel
     found = ", ".join(f"{len(items):,} {split}" for split, items in dataset.splits.items())
     click.echo(f"found {found} files in {len(dataset.classes):,} classes; "
                f"{len(dataset.rejects):,} left out while scanning")
-    summary = run_shard_job(dataset, out, options, workers, overwrite, progress=not quiet, engine=engine,
-                            ray_address=ray_address)
+    with sigterm_as_interrupt():  # a scheduler's SIGTERM: stop workers, keep finished shards, say so
+        summary = run_shard_job(dataset, out, options, workers, overwrite, progress=not quiet, engine=engine,
+                                ray_address=ray_address)
     written = ", ".join(f"{n:,} {split}" for split, n in summary.counts.items())
     if summary.already_complete:
         click.echo(f"{out} is already complete ({written} images); nothing to do")

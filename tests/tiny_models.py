@@ -1,5 +1,7 @@
 """Small CNNs for the trainer's tests, reached as --arch tiny_models:<factory>."""
 
+import os
+
 import torch
 from torch import nn
 
@@ -34,3 +36,27 @@ def tiny_dropout(num_classes):
 
 def tiny_nan_after_8(num_classes):
     return Tiny(num_classes, nan_after=8)
+
+
+class FailsOnRank1(Tiny):
+    """Raises on its 4th training step in the process of rank 1 (a data error, or a bug)."""
+
+    def __init__(self, num_classes: int, error):
+        super().__init__(num_classes)
+        self.error = error
+
+    def forward(self, x):
+        logits = super().forward(x)
+        if self.training and os.environ.get("RANK") == "1" and self.calls > 3:
+            raise self.error
+        return logits
+
+
+def tiny_data_error_on_rank_1(num_classes):
+    from prep.errors import ShardFormatError
+
+    return FailsOnRank1(num_classes, ShardFormatError("shard train/train-00001.h5 cannot be read (injected)"))
+
+
+def tiny_bug_on_rank_1(num_classes):
+    return FailsOnRank1(num_classes, RuntimeError("an injected bug"))

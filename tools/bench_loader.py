@@ -106,10 +106,9 @@ def main(corpus, device, workers, batch_size, batches, baseline, markdown):
             rows.append(("torch DataLoader, Pillow JPEG decode + per-sample maths",
                          images_per_second(endless(jpeg, device), batch_size, 3, batches)))
         for backend in ("dali", "torch") if dali_available() else ("torch",):
-            loader = Loader(shards, "train", batch_size, spec, backend=backend, device=device, workers=workers)
-            rows.append((f"augment Loader, {backend} backend, raw shards",
-                         images_per_second(endless(loader, device), batch_size, 3, batches)))
-            loader.close()
+            with Loader(shards, "train", batch_size, spec, backend=backend, device=device, workers=workers) as loader:
+                rows.append((f"augment Loader, {backend} backend, raw shards",
+                             images_per_second(endless(loader, device), batch_size, 3, batches)))
     finally:
         shutil.rmtree(work)
     base = rows[0][1] if baseline else None

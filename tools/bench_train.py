@@ -84,11 +84,10 @@ def main(device, arch, batch_size, steps, workers, backend, channels_last, markd
         labels = torch.randint(0, 4, (batch_size,), device=where)
         rows = [("synthetic tensors already on the device", timed_steps(iter(lambda: (synthetic, labels), None), step,
                                                                        3, steps, where))]
-        loader = Loader(work / "shards", "train", batch_size, AugmentSpec(normalize=config.normalize, layout=layout),
-                        backend=backend, device=device, workers=workers)
-
-        rows.append((f"shards -> Loader ({loader.backend}) -> step", timed_steps(endless(loader), step, 3, steps, where)))
-        loader.close()
+        with Loader(work / "shards", "train", batch_size, AugmentSpec(normalize=config.normalize, layout=layout),
+                    backend=backend, device=device, workers=workers) as loader:
+            rows.append((f"shards -> Loader ({loader.backend}) -> step",
+                         timed_steps(endless(loader), step, 3, steps, where)))
     finally:
         shutil.rmtree(work)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"

@@ -21,7 +21,7 @@ from prep.cli import report_errors
 
 SHARDS_ENV = "IMGPREP_SHARDS"
 # TrainConfig fields a resumed run may change: how long, and how it reads its data.
-RESUMABLE_CHANGES = ("epochs", "workers", "backend")
+RESUMABLE_CHANGES = ("epochs", "workers", "backend", "checkpoint_minutes")
 
 
 def processes_options(command):
@@ -62,16 +62,25 @@ def world_size(processes: int) -> int:
 
 
 def launch(entrypoint, args: tuple, processes: int) -> dict:
-    """In this process (one process, or already under torchrun), else N local processes."""
+    """In this process (one process, or already under torchrun), else N local processes. Errors
+    of any process arrive here as exceptions (``dist.RankError`` from the others)."""
     from train import dist
 
     if dist.under_launcher() or processes == 1:
-        result = entrypoint(*args)
-    else:
-        result = dist.launch(entrypoint, args, processes)
-    if "error" in result:
-        raise click.ClickException(f"{result['error']}  (IMGPREP_DEBUG=1 shows the traceback)")
-    return result
+        return entrypoint(*args)
+    return dist.launch(entrypoint, args, processes)
+
+
+def run_folder_lock(out: str):
+    """One writer per run folder: the process that will be rank 0 holds its lock."""
+    import contextlib
+
+    from prep.atomic import locked_folder
+    from train import dist
+
+    if dist.under_launcher() and int(os.environ.get("RANK", 0)) != 0:
+        return contextlib.nullcontext()
+    return locked_folder(out, "train run")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -116,15 +125,25 @@ def main():
 @click.option("--channels-last", is_flag=True, default=None, help="NHWC memory format.")
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
 @click.option("--seed", type=int, help="Seed of order, augmentation, initialisation, dropout.  [default: 0]")
+@click.option("--checkpoint-minutes", type=float,
+              help="Also save last.pt mid-epoch this often, so a kill -9 loses at most that much.  [default: 0, off]")
 @report_errors
 def run(shards, preset, out, resume, device, gpus, nproc, compile_, **options):
     """Train a CNN on SHARDS (default $IMGPREP_SHARDS, else ./shards).
 
     Each epoch writes OUT/last.pt (and best.pt when val top-1 improves), a line of
     OUT/metrics.jsonl and OUT/curves.png. Global batch = per-process batch x processes.
+
+    \b
+    SIGTERM or SIGUSR1 (what SLURM and Kubernetes send before a kill) stops every process at
+    the next check (every 10 steps), saves last.pt mid-epoch and exits with code 75;
+    --resume OUT then ends with the weights of an uninterrupted run. Ctrl-C stops at once
+    (exit 130), keeping the last checkpoint.
     """
     from train.config import PRESETS, TrainConfig
 
+    if resume and not (gpus or nproc):  # as many processes as the run had, unless told otherwise
+        nproc, gpus = resumed_processes(resume, device)
     device, processes = resolve_processes(device, gpus, nproc)
     given = {k: v for k, v in options.items() if v is not None}
     if compile_ is not None:
@@ -140,10 +159,28 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, **options):
         values["shards"] = shards or os.environ.get(SHARDS_ENV, "shards")
         values["out"] = out or f"runs/{values.get('arch', 'alexnet').replace(':', '-').replace('.', '-')}"
         config = TrainConfig(**values)
-    check_run(config, world_size(processes), resume is not None)
-    from train.loop import worker
+    from train.loop import PREEMPTED_EXIT, worker
 
-    launch(worker, (config, resume is not None), processes)
+    with run_folder_lock(config.out):
+        check_run(config, world_size(processes), resume is not None)
+        result = launch(worker, (config, resume is not None), processes)
+    if result.get("preempted"):
+        click.echo(f"stopped by {result['preempted']} {result['where']}; saved {result['checkpoint']}: continue "
+                   f"with 'train run --resume {config.out}'", err=True)
+        raise SystemExit(PREEMPTED_EXIT)
+
+
+def resumed_processes(folder: Path, device) -> tuple[int | None, int | None]:
+    """(--nproc, --gpus) that give the world size ``folder``'s run was trained with."""
+    from train.checkpoint import LAST, load_checkpoint
+    from train.dist import under_launcher
+
+    if under_launcher():
+        return None, None
+    state = load_checkpoint(folder / LAST)
+    processes = int(state["world_size"])
+    on_gpus = (device or state["config"]["device"]) == "cuda"
+    return (None, processes) if on_gpus else (processes, None)
 
 
 def resumed_config(folder: Path, given: dict, shards, out):
@@ -153,8 +190,9 @@ def resumed_config(folder: Path, given: dict, shards, out):
     state = load_checkpoint(folder / LAST)
     if shards or out or set(given) - set(RESUMABLE_CHANGES):
         changed = sorted(set(given) - set(RESUMABLE_CHANGES)) + (["shards"] if shards else []) + (["out"] if out else [])
-        raise click.ClickException(f"--resume continues the run as it was configured; only "
-                                   f"{', '.join('--' + c for c in RESUMABLE_CHANGES)} may change (not {', '.join(changed)})")
+        allowed = ", ".join("--" + c.replace("_", "-") for c in RESUMABLE_CHANGES)
+        raise click.ClickException(f"--resume continues the run as it was configured; only {allowed} may change "
+                                   f"(not {', '.join(c.replace('_', '-') for c in changed)})")
     return TrainConfig.from_dict({**state["config"], **given, "out": str(folder)})
 
 
@@ -162,6 +200,7 @@ def check_run(config, processes: int, resume: bool) -> None:
     """Everything that can be checked before processes start, each failure one clear line."""
     from augment import AugmentSpec
     from augment.colour import colour_stats
+    from prep.atomic import TMP_MARK
     from prep.shards import open_shards
     from train.checkpoint import LAST
     from train.models import check_arch
@@ -181,6 +220,8 @@ def check_run(config, processes: int, resume: bool) -> None:
         raise click.ClickException(f"{config.out} already holds a run: continue it with --resume {config.out}, "
                                    "or choose another --out")
     Path(config.out).mkdir(parents=True, exist_ok=True)
+    for leftover in Path(config.out).glob(f"*{TMP_MARK}*"):  # a save cut short by a kill; we hold the lock
+        leftover.unlink()
 
 
 @main.command("eval")

@@ -6,6 +6,7 @@ stores it as a plain dict, so a resumed run is the same run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from prep.errors import PrepError
@@ -46,7 +47,8 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory format for model and inputs
     compile: bool = False  # torch.compile the model
     seed: int = 0  # seed of order, augmentation, initialisation and dropout
-    log_every: int = 10  # steps between loss checks and progress-bar updates
+    log_every: int = 10  # steps between loss checks (and stop checks) and progress-bar updates
+    checkpoint_minutes: float = 0.0  # also save last.pt mid-epoch this often (0: only after each epoch)
 
     def __post_init__(self):
         for name, value, allowed in (("schedule", self.schedule, SCHEDULES), ("crop_mode", self.crop_mode, CROP_MODES),
@@ -54,6 +56,10 @@ class TrainConfig:
                                      ("normalize", self.normalize, ("channel", "mean-image", "none"))):
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        for name in ("lr", "momentum", "weight_decay", "label_smoothing", "warmup_epochs", "lighting",
+                     "checkpoint_minutes"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         for name in ("epochs", "batch_size", "patience", "step_epochs", "log_every", "crop"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -61,7 +67,7 @@ class TrainConfig:
             raise ConfigError("lr must be positive, weight decay non-negative, momentum in [0, 1)")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
-        for name in ("lighting", "workers", "warmup_epochs"):
+        for name in ("lighting", "workers", "warmup_epochs", "checkpoint_minutes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.crop_mode == "random-resized" and self.normalize == "mean-image":

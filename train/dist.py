@@ -8,12 +8,16 @@ WORLD_SIZE from the environment. NCCL on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import functools
 import os
+import signal
 import uuid
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from prep.errors import PrepError
 
 
 @dataclass(frozen=True)
@@ -56,13 +60,139 @@ def teardown() -> None:
 def launch(entrypoint, args: tuple, nproc: int):
     """Run ``entrypoint(*args)`` in ``nproc`` local processes; returns rank 0's result.
 
-    Uses a c10d rendezvous on a free local port (torchrun --standalone does the same).
+    Uses a c10d rendezvous on a free local port (torchrun --standalone does the same). Each
+    process reports how it ended through a file in a private folder (``_report``), so a failure
+    ends the command with one line naming its first cause, not with every rank's traceback:
+    PrepError -> ``RankError`` with its message; any other exception -> its traceback, printed
+    here, then ``RankError``; Ctrl-C -> KeyboardInterrupt; a process killed by a signal (out of
+    memory) -> ``RankError`` naming the signal. The other processes stop when one fails.
+
+    SIGTERM, SIGUSR1 and SIGINT sent to this process are passed on to the ranks, which stop in
+    order (``train.loop``); this process waits for them. (Left to the elastic agent, they would
+    end it with an exception that leaves its rendezvous running, and an abort at exit.)
     """
+    import logging
+    import shutil
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    # Elastic (and torch's process spawning under it) log each failure and each signal at
+    # length; ours is one line (see _outcome).
+    quiet = ("torch.distributed.elastic", "torch.multiprocessing")
+    for name in [*quiet, *logging.root.manager.loggerDict]:
+        if name.startswith(quiet):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    reports = tempfile.mkdtemp(prefix="imgprep-ranks-")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=1)
-    return elastic_launch(config, entrypoint)(*args)[0]
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    died = {}
+    previous_env = os.environ.get(AGENT_SIGNALS)
+    os.environ[AGENT_SIGNALS] = "SIGHUP,SIGQUIT"  # the rest are ours: see _pass_on
+    previous = {number: signal.signal(number, functools.partial(_pass_on, reports)) for number in PASSED_ON}
+    try:
+        try:
+            elastic_launch(config, _report)(entrypoint, args, reports, os.getpid())
+        except ChildFailedError as failure:
+            died = {rank: f.signal_name() for rank, f in failure.failures.items() if f.exitcode < 0}
+        except SignalException:  # SIGHUP or SIGQUIT: the agent has stopped the ranks
+            pass
+        return _outcome(reports, nproc, died)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if previous_env is None:
+            os.environ.pop(AGENT_SIGNALS, None)
+        else:
+            os.environ[AGENT_SIGNALS] = previous_env
+        shutil.rmtree(reports, ignore_errors=True)
+
+
+AGENT_SIGNALS = "TORCHELASTIC_SIGNALS_TO_HANDLE"
+PASSED_ON = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def _pass_on(reports: str, number, frame) -> None:
+    """Send the signal this launcher received to every rank that has started."""
+    for name in os.listdir(reports):
+        if name.endswith(".pid"):
+            try:
+                with open(os.path.join(reports, name)) as f:
+                    os.kill(int(f.read()), number)
+            except (OSError, ValueError):
+                pass  # not written yet, or already gone
+
+
+class RankError(PrepError):
+    """A process of a data-parallel run failed; the message names the first cause."""
+
+
+def _report(entrypoint, args: tuple, reports: str, launcher_pid: int):
+    """Each process: run ``entrypoint``, then leave {"result" | "error" | "traceback" |
+    "interrupted" | "consequence"} in reports/rank-N.json. A failure exits non-zero at once, so
+    the launcher stops the other processes instead of leaving them waiting in a collective."""
+    import json
+    import traceback
+
+    from prep.lifeline import die_with_parent
+
+    die_with_parent(launcher_pid)  # a launcher killed outright takes its ranks with it
+    rank = int(os.environ["RANK"])
+    path = os.path.join(reports, f"rank-{rank}.json")
+    with open(os.path.join(reports, f"rank-{rank}.pid.tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(os.path.join(reports, f"rank-{rank}.pid.tmp"), os.path.join(reports, f"rank-{rank}.pid"))
+
+    def leave(record: dict, code: int):
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
+        if code:
+            raise SystemExit(code)
+
+    try:
+        result = entrypoint(*args)
+    except PrepError as error:
+        leave({"error": str(error)}, 1)
+    except KeyboardInterrupt:
+        leave({"interrupted": True}, 130)
+    except Exception as error:
+        # A collective fails on every rank once one rank has gone: only the first cause counts.
+        others = [name for name in os.listdir(reports) if name.endswith(".json") and name != f"rank-{rank}.json"]
+        leave({"consequence": str(error)} if others else {"traceback": traceback.format_exc()}, 1)
+    leave({"result": result}, 0)
+    return result
+
+
+def _outcome(reports: str, nproc: int, died: dict):
+    import json
+    import sys
+
+    records = {}
+    for rank in range(nproc):
+        path = os.path.join(reports, f"rank-{rank}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                records[rank] = json.load(f)
+    prefix = (lambda rank: "" if nproc == 1 else f"rank {rank}: ")
+    for rank, record in sorted(records.items()):
+        if "error" in record:
+            raise RankError(prefix(rank) + record["error"])
+    for rank, signal_name in sorted(died.items()):
+        hint = " (out of memory?)" if signal_name == "SIGKILL" else ""
+        raise RankError(f"rank {rank} was killed by {signal_name}{hint}")
+    for rank, record in sorted(records.items()):
+        if "traceback" in record:
+            print(record["traceback"], file=sys.stderr, end="")
+            raise RankError(f"rank {rank} failed with the error above")
+    if any("interrupted" in record for record in records.values()):
+        raise KeyboardInterrupt
+    if 0 in records and "result" in records[0]:
+        return records[0]["result"]
+    missing = sorted(set(range(nproc)) - set(records))
+    raise RankError(f"rank {missing[0] if missing else 0} ended without a result")
 
 
 def sum_all(values: list[float], context: Context) -> list[float]:

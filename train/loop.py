@@ -8,13 +8,25 @@ Each epoch: train on this rank's part of the permutation (``augment.Loader``), e
 rank's part of the validation split, sum the counts over ranks, update the learning rate,
 and on rank 0 log a line, append metrics.jsonl, redraw curves.png and save last.pt (and
 best.pt when validation top-1 improves), atomically.
+
+Stopping from outside: SIGTERM or SIGUSR1 (what SLURM and Kubernetes send before a kill) asks
+for a stop. The ranks agree on it at the next check (every ``log_every`` steps, and at the end
+of each epoch), rank 0 saves last.pt with the loader's position in the epoch, and the command
+exits with PREEMPTED_EXIT; ``train run --resume OUT`` continues at that very step and ends
+with the weights an uninterrupted run would have. ``checkpoint_minutes`` saves such a
+mid-epoch checkpoint on a clock too, so a ``kill -9`` loses at most that much work. Ctrl-C
+stops at once, keeping the last checkpoint. Loaders (and their worker processes) are closed on
+every way out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,24 +42,56 @@ from train.metrics import append_metrics, plot_curves, read_metrics, rewrite_met
 from train.models import build_model
 from train.schedule import Schedule
 
+PREEMPTED_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped on request, checkpoint saved, resume to continue
+
 
 class TrainingError(PrepError):
     """The run cannot go on (diverged, or cannot resume); the message says why."""
 
 
+class StopSignals:
+    """Notes SIGTERM and SIGUSR1 instead of dying on them; ``run`` stops at its next check.
+    The first SIGINT raises KeyboardInterrupt; later ones (a terminal and a launcher may both
+    send one) are ignored, so they cannot cut short the closing of the loaders."""
+
+    NUMBERS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {number: signal.signal(number, self._note) for number in self.NUMBERS}
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+        return self
+
+    @staticmethod
+    def _interrupt(number, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _note(self, number, frame) -> None:
+        self.received = signal.Signals(number).name
+
+
 def worker(config: TrainConfig, resume: bool) -> dict:
-    """Entry point of each process; known errors come back as {"error": message}."""
+    """Entry point of each process. Errors propagate (the launcher reports them); the process
+    group is left to the process's exit then, so that peers see a failure, not a clean leave."""
     context = dist.setup(config.device)
-    try:
-        return run(config, resume, context)
-    except PrepError as error:  # "fix the input": one line; anything else keeps its traceback
-        return {"error": str(error)}
-    finally:
-        dist.teardown()
+    with StopSignals() as stop:
+        result = run(config, resume, context, stop)
+    dist.teardown()
+    return result
 
 
-def make_loaders(config: TrainConfig, context: dist.Context, eval_mode: str = "val", train: bool = True):
-    """(train loader or None, validation loader or None) for this rank."""
+def make_loaders(config: TrainConfig, context: dist.Context, loaders: contextlib.ExitStack, eval_mode: str = "val",
+                 train: bool = True):
+    """(train loader or None, validation loader or None) for this rank, each closed by ``loaders``."""
     if config.batch_size % context.world_size:
         raise TrainingError(f"--batch-size {config.batch_size} does not divide over {context.world_size} processes")
     per_rank = config.batch_size // context.world_size
@@ -56,13 +100,13 @@ def make_loaders(config: TrainConfig, context: dist.Context, eval_mode: str = "v
                   world_size=context.world_size, seed=config.seed, workers=config.workers)
     train_spec = AugmentSpec(mode="train", crop=config.crop, lighting=config.lighting, normalize=config.normalize,
                              layout=layout, crop_mode=config.crop_mode)
-    train = Loader(config.shards, "train", per_rank, train_spec, **common) if train else None
+    train_loader = loaders.enter_context(Loader(config.shards, "train", per_rank, train_spec, **common)) if train else None
     val = None
     shard_set = open_shards(config.shards)
     if "val" in shard_set.splits and len(shard_set.split("val")):
         val_spec = AugmentSpec(mode=eval_mode, crop=config.crop, lighting=0, normalize=config.normalize, layout=layout)
-        val = Loader(config.shards, "val", per_rank, val_spec, **common)
-    return train, val
+        val = loaders.enter_context(Loader(config.shards, "val", per_rank, val_spec, **common))
+    return train_loader, val
 
 
 def autocast(config: TrainConfig, device: torch.device):
@@ -85,99 +129,188 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.S
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
 
 
-def run(config: TrainConfig, resume: bool, context: dist.Context) -> dict:
+@dataclass
+class Trainee:
+    """Everything a checkpoint holds the state of."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    scaler: torch.amp.GradScaler
+    train_loader: Loader
+    classes: list
+    origin: dict | None
+    step: int = 0  # optimizer steps so far, over the whole run
+    best: float = float("-inf")  # best val top-1 (or -train loss without a val split)
+    finished_epoch: int = -1  # last complete epoch
+    finished_metrics: dict | None = None  # its metrics line
+
+    def state(self, config: TrainConfig, context, partial: dict | None = None) -> dict:
+        """The checkpoint; a collective (every rank's RNG state), so every rank calls it."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.finished_epoch, "step": self.step, "best_top1": self.best,
+                "rng": dist.gather_objects(rng_states(), context), "loader": self.train_loader.state_dict(),
+                "config": config.as_dict(), "world_size": context.world_size, "classes": self.classes,
+                "metrics": self.finished_metrics, "partial": partial, "provenance": self.origin}
+
+
+def run(config: TrainConfig, resume: bool, context: dist.Context, stop: StopSignals | None = None) -> dict:
     out = Path(config.out)
-    train_loader, val_loader = make_loaders(config, context)
-    classes = open_shards(config.shards).classes
-    torch.manual_seed(config.seed)  # the same initial weights on every rank
-    model = build_model(config.arch, len(classes)).to(context.device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, config)
-    schedule = Schedule(optimizer, config, len(train_loader))
-    scaler = torch.amp.GradScaler("cuda", enabled=context.device.type == "cuda" and config.amp == "fp16")
-    torch.manual_seed(config.seed * 1_000_003 + context.rank + 1)  # dropout: each rank its own stream
-    start_epoch, step, best = 0, 0, float("-inf")
-    if resume:
-        state = load_checkpoint(out / LAST)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, step, best = state["epoch"] + 1, state["step"], state["best_top1"]
-        if state["world_size"] != context.world_size:
-            raise TrainingError(f"{out} was trained with {state['world_size']} processes; resume it with as many "
-                                f"(this run has {context.world_size})")
-        restore_rng_states(state["rng"][context.rank])
-        if context.main:  # metrics.jsonl may hold epochs the checkpoint does not (a kill in between)
-            rewrite_metrics(out, [r for r in read_metrics(out) if r["epoch"] < state["epoch"]] + [state["metrics"]])
-    net = model
-    if context.world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[context.local_rank] if context.device.type == "cuda" else None)
-    if config.compile:
-        net = torch.compile(net)
-        evaluator = torch.compile(model)
-    else:
-        evaluator = model  # evaluation bypasses DDP: ranks may run different numbers of batches
-    origin = provenance() if context.main else None
-    if context.main:
-        print_summary(config, context, model, train_loader, val_loader, start_epoch)
-    result = {}
-    for epoch in range(start_epoch, config.epochs):
-        started = time.perf_counter()
-        train_loader.set_epoch(epoch)
-        train_loss, step = train_epoch(net, train_loader, optimizer, schedule, scaler, config, context, epoch, step)
-        metrics = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": schedule.lr}
-        if val_loader is not None:
-            val_loader.set_epoch(epoch)
-            metrics.update({f"val_{k}": v for k, v in evaluate(evaluator, val_loader, config, context).items()})
-        schedule.after_epoch(metrics.get("val_top1"))
-        metrics["seconds"] = time.perf_counter() - started
-        score = metrics.get("val_top1", -metrics["train_loss"])  # without a val split: the lowest train loss
-        improved, best = score > best, max(best, score)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                 "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_top1": best,
-                 "rng": dist.gather_objects(rng_states(), context), "loader": train_loader.state_dict(),
-                 "config": config.as_dict(), "world_size": context.world_size, "classes": classes,
-                 "metrics": metrics, "provenance": origin}
+    stop = stop or StopSignals()
+    with contextlib.ExitStack() as loaders:
+        train_loader, val_loader = make_loaders(config, context, loaders)
+        classes = open_shards(config.shards).classes
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        model = build_model(config.arch, len(classes)).to(context.device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model, config)
+        trainee = Trainee(model, optimizer, Schedule(optimizer, config, len(train_loader)),
+                          torch.amp.GradScaler("cuda", enabled=context.device.type == "cuda" and config.amp == "fp16"),
+                          train_loader, classes, provenance() if context.main else None)
+        torch.manual_seed(config.seed * 1_000_003 + context.rank + 1)  # dropout: each rank its own stream
+        partial = restore(trainee, out, context) if resume else None
+        net = model
+        if context.world_size > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[context.local_rank] if context.device.type == "cuda" else None)
+        if config.compile:
+            net = torch.compile(net)
+            evaluator = torch.compile(model)
+        else:
+            evaluator = model  # evaluation bypasses DDP: ranks may run different numbers of batches
+        start_epoch = partial["epoch"] if partial else trainee.finished_epoch + 1
         if context.main:
-            save_checkpoint(out / LAST, state)
+            print_summary(config, context, model, train_loader, val_loader, start_epoch, partial)
+        saver = Saver(trainee, config, context, out)
+        result = trainee.finished_metrics or {}
+        for epoch in range(start_epoch, config.epochs):
+            started = time.perf_counter()
+            if partial and partial["epoch"] == epoch:  # resuming mid-epoch: the loader's place, the loss so far
+                train_loader.load_state_dict(partial)
+                carried = (partial["loss"][context.rank], partial["count"])
+            else:
+                train_loader.set_epoch(epoch)
+                carried = (0.0, 0)
+            train_loss, stopped = train_epoch(net, trainee, config, context, epoch, carried, stop, saver)
+            if stopped:
+                return saver.preempted(stop, mid_epoch=True)
+            metrics = {"epoch": epoch, "step": trainee.step, "train_loss": train_loss, "lr": trainee.schedule.lr}
+            if val_loader is not None:
+                val_loader.set_epoch(epoch)
+                metrics.update({f"val_{k}": v for k, v in evaluate(evaluator, val_loader, config, context).items()})
+            trainee.schedule.after_epoch(metrics.get("val_top1"))
+            metrics["seconds"] = time.perf_counter() - started
+            score = metrics.get("val_top1", -metrics["train_loss"])  # without a val split: the lowest train loss
+            improved, trainee.best = score > trainee.best, max(trainee.best, score)
+            trainee.finished_epoch, trainee.finished_metrics = epoch, metrics
+            saver.save_epoch(improved)
+            if context.main:
+                print(epoch_line(metrics, config), flush=True)
+            result = metrics
+            if dist.sum_all([stop.received is not None], context)[0] and epoch + 1 < config.epochs:
+                return saver.preempted(stop, mid_epoch=False)
+        return result
+
+
+def restore(trainee: Trainee, out: Path, context) -> dict | None:
+    """Load last.pt into ``trainee``; returns its mid-epoch part (None after a whole epoch)."""
+    state = load_checkpoint(out / LAST)
+    if state["world_size"] != context.world_size:
+        raise TrainingError(f"{out} was trained with {state['world_size']} processes; resume it with as many "
+                            f"(this run has {context.world_size})")
+    trainee.model.load_state_dict(state["model"])
+    trainee.optimizer.load_state_dict(state["optimizer"])
+    trainee.schedule.load_state_dict(state["schedule"])
+    trainee.scaler.load_state_dict(state["scaler"])
+    trainee.finished_epoch, trainee.step, trainee.best = state["epoch"], state["step"], state["best_top1"]
+    trainee.finished_metrics = state["metrics"]
+    restore_rng_states(state["rng"][context.rank])
+    if context.main:  # metrics.jsonl may hold epochs the checkpoint does not (a kill in between)
+        kept = [r for r in read_metrics(out) if r["epoch"] < state["epoch"]]
+        rewrite_metrics(out, kept + ([state["metrics"]] if state["metrics"] else []))
+    partial = state.get("partial")
+    return {**partial, "seed": trainee.train_loader.seed, "world_size": context.world_size} if partial else None
+
+
+class Saver:
+    """Rank 0 writes; every rank takes part (the checkpoint gathers every rank's RNG state).
+    Also keeps the clock of --checkpoint-minutes."""
+
+    def __init__(self, trainee: Trainee, config: TrainConfig, context, out: Path):
+        self.trainee, self.config, self.context, self.out = trainee, config, context, out
+        self.last_save = time.monotonic()
+
+    def due(self) -> bool:
+        """Rank 0's clock says a mid-epoch checkpoint is due (only rank 0's vote counts)."""
+        minutes = self.config.checkpoint_minutes
+        return bool(minutes) and self.context.main and time.monotonic() - self.last_save >= 60 * minutes
+
+    def save_epoch(self, improved: bool) -> None:
+        state = self.trainee.state(self.config, self.context)
+        if self.context.main:
+            save_checkpoint(self.out / LAST, state)
             if improved:
-                save_checkpoint(out / BEST, state)
-            append_metrics(out, metrics)
-            plot_curves(out)
-            print(epoch_line(metrics, config), flush=True)
-        result = metrics
-    return result
+                save_checkpoint(self.out / BEST, state)
+            append_metrics(self.out, state["metrics"])
+            plot_curves(self.out)
+        self.last_save = time.monotonic()
+
+    def save_mid_epoch(self, epoch: int, loss: float, count: int) -> None:
+        """last.pt at this step: the loader's place in the epoch and every rank's loss sum so far."""
+        position = self.trainee.train_loader.state_dict()["position"]
+        partial = {"epoch": epoch, "position": position, "count": count,
+                   "loss": dist.gather_objects(loss, self.context)}
+        state = self.trainee.state(self.config, self.context, partial)
+        if self.context.main:
+            save_checkpoint(self.out / LAST, state)
+        self.last_save = time.monotonic()
+
+    def preempted(self, stop: StopSignals, mid_epoch: bool) -> dict:
+        loader = self.trainee.train_loader
+        where = (f"in epoch {loader.epoch + 1} at step {loader.position} of {len(loader)}" if mid_epoch
+                 else f"after epoch {self.trainee.finished_epoch + 1}")
+        return {"preempted": stop.received or "a stop signal on another rank", "where": where,
+                "step": self.trainee.step, "checkpoint": str(self.out / LAST)}
 
 
-def train_epoch(net, loader, optimizer, schedule, scaler, config, context, epoch, step):
-    """One pass over this rank's training samples; returns (mean loss over all ranks, step)."""
+def train_epoch(net, trainee: Trainee, config, context, epoch: int, carried: tuple, stop: StopSignals,
+                saver: Saver) -> tuple[float, bool]:
+    """This rank's training samples of ``epoch`` (from the loader's position on); returns (mean
+    loss over all ranks, stopped mid-epoch?). ``carried``: (loss sum, steps) of this rank
+    before the loader's position, when resuming mid-epoch."""
     from tqdm import tqdm
 
+    loader = trainee.train_loader
     net.train()
-    total, count = torch.zeros((), device=context.device), 0
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
+    total, count = torch.tensor(carried[0], device=context.device), carried[1]
+    bar = tqdm(total=len(loader), initial=loader.position, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
                disable=None if context.main else True,  # None: only on a terminal; logs get the epoch lines
                dynamic_ncols=True, leave=False)
     window_start, window_images = time.perf_counter(), 0
     for images, labels in loader:
-        schedule.before_step(step)
-        loss = train_step(net, images, labels, optimizer, scaler, config, context.device)
+        trainee.schedule.before_step(trainee.step)
+        loss = train_step(net, images, labels, trainee.optimizer, trainee.scaler, config, context.device)
         total += loss.detach().float()
         count += 1
-        step += 1
+        trainee.step += 1
         window_images += len(labels) * context.world_size
-        if count % config.log_every == 0 or count == len(loader):
-            current = check_finite(loss, config, context, epoch, step)
+        if count % config.log_every == 0 or loader.position == len(loader):
+            current, stopping, saving = check_step(loss, config, context, epoch, trainee.step, stop, saver)
             rate = window_images / (time.perf_counter() - window_start)
-            bar.set_postfix(loss=f"{current:.4f}", lr=f"{schedule.lr:.2e}", img_s=f"{rate:,.0f}")
+            bar.set_postfix(loss=f"{current:.4f}", lr=f"{trainee.schedule.lr:.2e}", img_s=f"{rate:,.0f}")
             window_start, window_images = time.perf_counter(), 0
+            # On the epoch's last step the epoch is finished instead: run() stops after it.
+            if (stopping or saving) and loader.position < len(loader):
+                saver.save_mid_epoch(epoch, float(total), count)
+                if stopping:
+                    bar.close()
+                    return float("nan"), True
         bar.update(1)
     bar.close()
     loss_sum, steps = dist.sum_all([float(total), count], context)
-    return loss_sum / max(steps, 1), step
+    return loss_sum / max(steps, 1), False
 
 
 def train_step(net, images, labels, optimizer, scaler, config: TrainConfig, device) -> torch.Tensor:
@@ -191,14 +324,19 @@ def train_step(net, images, labels, optimizer, scaler, config: TrainConfig, devi
     return loss
 
 
-def check_finite(loss: torch.Tensor, config: TrainConfig, context, epoch: int, step: int) -> float:
-    """The loss as a float; stops every rank together when any rank's loss is NaN or infinite."""
+def check_step(loss: torch.Tensor, config: TrainConfig, context, epoch: int, step: int, stop: StopSignals,
+               saver: Saver) -> tuple[float, bool, bool]:
+    """(loss as a float, stop now?, save now?), agreed by every rank in one all-reduce. Stops
+    every rank together when any rank's loss is NaN or infinite."""
     value = float(loss.detach())
-    (bad,) = dist.sum_all([0.0 if math.isfinite(value) else 1.0], context)
+    bad, stopping, saving = dist.sum_all([0.0 if math.isfinite(value) else 1.0, stop.received is not None,
+                                          saver.due()], context)
     if bad:
-        raise TrainingError(f"loss is {value} at epoch {epoch + 1}, step {step}: stopped; the last good checkpoint "
-                            f"is {Path(config.out) / LAST} (lower --lr, or check the data with imgprep preview)")
-    return value
+        last = Path(config.out) / LAST
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was saved before it"
+        raise TrainingError(f"loss is {value} at epoch {epoch + 1}, step {step}: stopped; {kept} "
+                            "(lower --lr, or check the data with imgprep preview)")
+    return value, bool(stopping), bool(saving)
 
 
 def evaluate(model, loader, config: TrainConfig, context) -> dict:
@@ -227,33 +365,50 @@ def epoch_line(metrics: dict, config: TrainConfig) -> str:
     return line + f"  lr {metrics['lr']:.2e}  {metrics['seconds']:.0f} s"
 
 
-def print_summary(config, context, model, train_loader, val_loader, start_epoch) -> None:
+def print_summary(config, context, model, train_loader, val_loader, start_epoch, partial) -> None:
     parameters = sum(p.numel() for p in model.parameters())
     gpu = f" ({torch.cuda.get_device_name()})" if context.device.type == "cuda" else ""
     print(f"train run: {config.arch}, {parameters:,} parameters, {context.world_size} x {context.device.type}{gpu}, "
           f"backend {train_loader.backend}, amp {config.amp if context.device.type == 'cuda' else 'off'}")
     print("config: " + " ".join(f"{k}={v}" for k, v in config.as_dict().items()))
+    where = "from scratch"
+    if partial:
+        where = f"resuming in epoch {partial['epoch'] + 1} at step {partial['position']} of {len(train_loader)}"
+    elif start_epoch:
+        where = f"resuming after epoch {start_epoch}"
     print(f"data: {len(train_loader.reader):,} train images, {len(train_loader)} steps of {config.batch_size} "
-          f"per epoch; {len(val_loader.reader) if val_loader else 0:,} val images; "
-          + (f"resuming after epoch {start_epoch}" if start_epoch else "from scratch"), flush=True)
+          f"per epoch; {len(val_loader.reader) if val_loader else 0:,} val images; {where}", flush=True)
 
 
 def evaluate_checkpoint(path, shards: str | None, ten_crop: bool, batch_size: int, device: str, workers: int,
                         backend: str | None) -> dict:
     """Each process of ``train eval``: the checkpoint's model on the whole validation split."""
     context = dist.setup(device)
-    try:
-        state = load_checkpoint(path)
-        config = TrainConfig.from_dict(state["config"]).with_(
-            shards=shards or state["config"]["shards"], batch_size=batch_size, device=device, workers=workers,
-            backend=backend, channels_last=False, compile=False)
-        _, val = make_loaders(config, context, eval_mode="test10" if ten_crop else "val", train=False)
+    state = load_checkpoint(path)
+    config = TrainConfig.from_dict(state["config"]).with_(
+        shards=shards or state["config"]["shards"], batch_size=batch_size, device=device, workers=workers,
+        backend=backend, channels_last=False, compile=False)
+    check_same_classes(state["classes"], open_shards(config.shards).classes, path, config.shards)
+    with contextlib.ExitStack() as loaders:
+        _, val = make_loaders(config, context, loaders, eval_mode="test10" if ten_crop else "val", train=False)
         if val is None:
-            return {"error": f"{config.shards} has no val split to evaluate on"}
+            raise TrainingError(f"{config.shards} has no val split to evaluate on")
         model = build_model(config.arch, len(state["classes"])).to(context.device)
         model.load_state_dict(state["model"])
-        return evaluate(model, val, config, context)
-    except PrepError as error:
-        return {"error": str(error)}
-    finally:
-        dist.teardown()
+        result = evaluate(model, val, config, context)
+    dist.teardown()
+    return result
+
+
+def check_same_classes(trained: list, shards: list, checkpoint, root) -> None:
+    """A model's outputs mean the classes it was trained on, in that order: refuse other shards."""
+    mine, theirs = [c["wnid"] for c in trained], [c["wnid"] for c in shards]
+    if mine == theirs:
+        return
+    if len(mine) != len(theirs):
+        detail = f"{len(mine)} classes against {len(theirs)}"
+    else:
+        first = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+        detail = f"class {first} is {mine[first]} in the checkpoint and {theirs[first]} in the shards"
+    raise TrainingError(f"{checkpoint} was trained on other classes than {root} holds ({detail}); "
+                        "evaluate it on shards of the same class list")

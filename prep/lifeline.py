@@ -1,0 +1,94 @@
+"""Worker processes that end with their parent and leave group signals to it.
+
+Two things go wrong with worker pools when a job is stopped from outside:
+- ``kill -9`` of the parent (or any death that runs no cleanup) leaves its workers alive and idle,
+  holding whatever they inherited: file locks, shared memory, GPU memory. ``die_with_parent``
+  asks the kernel to SIGKILL a worker when its parent goes (Linux's PR_SET_PDEATHSIG; a
+  watchdog thread polling the parent's pid elsewhere).
+- Ctrl-C and schedulers (SLURM, Kubernetes) signal every process of a job at once. A worker
+  killed by that signal breaks its parent's stream of batches before the parent could stop in
+  order. ``signals_left_to_parent`` starts workers with SIGINT, SIGTERM and SIGUSR1 blocked:
+  the parent hears them and stops its workers itself (they still die with it, and to SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+GROUP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # what terminals and schedulers send a job
+
+
+def become_worker(parent_pid: int) -> None:
+    """Call first thing in a worker: die with the parent, and ignore the group's SIGINT, SIGTERM
+    and SIGUSR1 (workers started by exec, as under 'spawn', begin with an empty signal mask).
+    Such a worker no longer ends on terminate(): its parent must stop it in order, or kill it."""
+    from prep.atomic import release_inherited_locks
+
+    die_with_parent(parent_pid)
+    release_inherited_locks()
+    if threading.current_thread() is threading.main_thread():
+        for number in GROUP_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Call in a worker: it is killed when process ``parent_pid`` (its parent) ends, however that
+    ends. ``parent_pid`` is taken in the parent before the worker starts, so a parent that dies
+    before this call is noticed too."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:  # gone before prctl took effect
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="die-with-parent").start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def signals_left_to_parent():
+    """Processes started inside this block begin with GROUP_SIGNALS blocked (the signal
+    mask survives fork and exec), so a signal sent to the whole process group stops only the
+    parent, which then closes them in order. The parent's own handlers are untouched: a signal
+    that arrives meanwhile stays pending and is handled on leaving the block."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block SIGTERM stops this process as Ctrl-C does (KeyboardInterrupt), so the
+    same cleanup runs: workers stopped, temporary files removed, one line said."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(number, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
