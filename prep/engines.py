@@ -14,12 +14,15 @@ retried; a rerun after the driver dies completes only the missing shards, as loc
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
+from prep.atomic import release_inherited_locks
 from prep.build import build_shard
 from prep.errors import PrepError
+from prep.lifeline import die_with_parent
 
 INTERRUPTED = "interrupted; finished shards are kept: rerun the same command to resume"
 
@@ -39,9 +42,12 @@ _progress_counter = None  # a shared integer in each worker process: images hand
 _reader = None  # the source's reader, handed to each worker once (an archive's holds a large index)
 
 
-def _init_worker(counter, reader) -> None:
+def _init_worker(counter, reader, parent_pid: int) -> None:
     global _progress_counter, _reader
     _progress_counter, _reader = counter, reader
+    # A parent killed outright must not leave workers behind holding the output folder's lock.
+    die_with_parent(parent_pid)
+    release_inherited_locks()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     import torch
 
@@ -68,7 +74,7 @@ def run_local(pending, reader, out, options, workers: int, bar_spec):
         return
     counter = multiprocessing.Value("q", 0)
     pool = ProcessPoolExecutor(max(1, min(workers, len(pending))), mp_context=multiprocessing.get_context(),
-                               initializer=_init_worker, initargs=(counter, reader))
+                               initializer=_init_worker, initargs=(counter, reader, os.getpid()))
     running = {pool.submit(_run_task, (task, out, options)): task for task in pending}  # forks the workers
     bar = progress_bar(bar_spec)  # after the fork: tqdm starts a monitor thread
     finished = False
