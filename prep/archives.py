@@ -8,7 +8,8 @@ Nothing is extracted. A scan reads only the tar headers and records where each m
 lie (archive, offset, size); workers then read those bytes with one seek and one read. Member
 names are keys, never paths: an image gets the key it would have in the extracted tree
 (``train/<wnid>/<name>``, ``val/<name>``), so an archive and its extracted tree give
-byte-identical shards.
+byte-identical shards; a name held twice keeps its last member, as extraction does, and the
+earlier one is a reject.
 
 Validation labels: the ground-truth file lists one ILSVRC2012_ID per validation image, in
 file-name order; meta.mat maps ILSVRC2012_ID to WordNet id. Those ids are *not* our class
@@ -18,17 +19,20 @@ indices (sorted wnids, the torchvision convention): the wnid is the bridge.
 from __future__ import annotations
 
 import io
-import os
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from prep.errors import BadImage, SourceError
-from prep.sources import MAX_CLASSES, ClassInfo, Dataset, Reject, is_image_name, read_class_names, read_val_labels
+from prep.sources import (MAX_CLASSES, ClassInfo, Dataset, Reject, file_too_large, is_image_name, is_utf8, printable,
+                          read_class_names, read_val_labels)
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
+DEVKIT_HINT = f"download {DEVKIT} again, or remove it and give --val-labels FILE"
+DUPLICATE = "duplicate member name: a later member of the same name replaces this one"
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class ArchiveReader:
     def read(self, key: str, max_bytes: int) -> bytes:
         split, offset, size = self.index[key]
         if size > max_bytes:  # refused before reading a byte of it
-            raise BadImage(f"file too large: over {max_bytes:,} bytes")
+            raise BadImage(file_too_large(size, max_bytes))
         with open(self.archives[split], "rb") as f:
             f.seek(offset)
             return f.read(size)
@@ -86,7 +90,7 @@ def scan_archives(root: Path, val_labels=None) -> Dataset:
     with open(root / TRAIN_TAR, "rb") as f:
         try:
             outer = tarfile.open(fileobj=f, mode="r:")
-            for member in outer:
+            for member in _last_of_each_name(outer.getmembers(), "train", "train/", rejects):
                 _index_class_tar(f, member, index, rejects, items_by_wnid)
         except tarfile.TarError as error:
             raise SourceError(f"{root / TRAIN_TAR} is not a readable tar: {error}") from None
@@ -112,23 +116,45 @@ def _index_class_tar(f, member, index, rejects, items_by_wnid) -> None:
     name = PurePosixPath(member.name)
     if member.isdir():
         return
-    if not member.isfile() or name.suffix != ".tar" or len(name.parts) != 1:
-        rejects.append(Reject("train", f"train/{member.name}", "not a per-class tar (n01440764.tar ...); not read"))
+    if not member.isfile() or name.suffix != ".tar" or len(name.parts) != 1 or not is_utf8(member.name):
+        rejects.append(Reject("train", f"train/{printable(member.name)}",
+                              "not a per-class tar (n01440764.tar ...); not read"))
         return
     wnid = name.stem
     keys = items_by_wnid.setdefault(wnid, [])
-    try:
-        inner = tarfile.open(fileobj=_Window(f, member.offset_data, member.size), mode="r:")
-        for image in inner:
-            key = f"train/{wnid}/{image.name}"
-            reason = _member_problem(image)
-            if reason:
-                rejects.append(Reject("train", key, reason))
-            else:
-                index[key] = ("train", member.offset_data + image.offset_data, image.size)
-                keys.append(key)
-    except tarfile.TarError as error:
+    images, error = [], None
+    try:  # the images listed before any damage are kept
+        for image in tarfile.open(fileobj=_Window(f, member.offset_data, member.size), mode="r:"):
+            images.append(image)
+    except tarfile.TarError as failure:
+        error = failure
+    for image in _last_of_each_name(images, "train", f"train/{wnid}/", rejects):
+        key = f"train/{wnid}/{printable(image.name)}"
+        reason = _member_problem(image)
+        if reason:
+            rejects.append(Reject("train", key, reason))
+        else:
+            index[key] = ("train", member.offset_data + image.offset_data, image.size)
+            keys.append(key)
+    if error is not None:
         rejects.append(Reject("train", f"train/{member.name}", f"unreadable per-class tar: {error}"))
+
+
+def _last_of_each_name(members: list, split: str, prefix: str, rejects: list) -> list:
+    """``members`` less those that a later member of the same name replaces; each is a reject.
+
+    A tar may hold one name twice (``tar -r`` appends an updated file). Extraction keeps the
+    last, and so do we: an archive and its extracted tree give the same shards, and no member is
+    dropped without a word.
+    """
+    last = {m.name: m for m in members if not m.isdir()}
+    kept = []
+    for member in members:
+        if member.isdir() or last[member.name] is member:
+            kept.append(member)
+        else:
+            rejects.append(Reject(split, f"{prefix}{printable(member.name)}", DUPLICATE))
+    return kept
 
 
 def _member_problem(member) -> str | None:
@@ -140,6 +166,8 @@ def _member_problem(member) -> str | None:
         return "not a regular file (link, device or sparse file)"
     if path.is_absolute() or ".." in path.parts:
         return "unsafe member name"
+    if not is_utf8(member.name):  # keys are UTF-8 in the shards; tar names are any bytes
+        return "file name is not valid UTF-8"
     if path.suffix.lower() == ".tar":
         return "a nested archive inside a per-class tar; not read"
     if not is_image_name(member.name):
@@ -152,8 +180,9 @@ def _scan_val(root, val_labels, devkit, label_of, index, rejects) -> tuple:
     members = []
     with open(root / VAL_TAR, "rb") as f:
         try:
-            for member in tarfile.open(fileobj=f, mode="r:"):
-                key = f"val/{member.name}"
+            listed = tarfile.open(fileobj=f, mode="r:").getmembers()
+            for member in _last_of_each_name(listed, "val", "val/", rejects):
+                key = f"val/{printable(member.name)}"
                 reason = _member_problem(member) if not member.isdir() else None
                 if reason:
                     rejects.append(Reject("val", key, reason))
@@ -165,19 +194,21 @@ def _scan_val(root, val_labels, devkit, label_of, index, rejects) -> tuple:
     members.sort()
     if val_labels is not None:
         labels = read_val_labels(val_labels)
-        wnid_of = {m: labels.get(m) or labels.get(os.path.splitext(m)[0]) for m in members}
+        found = {m: labels.lookup(m) for m in members}  # m -> (wnid, why its labels conflict)
     elif devkit is not None:
         if len(devkit["ground_truth"]) != len(members):
             raise SourceError(f"the devkit's ground truth has {len(devkit['ground_truth'])} labels for "
                               f"{len(members)} images in {root / VAL_TAR}")
-        wnid_of = {m: devkit["wnid_of_id"].get(i) for m, i in zip(members, devkit["ground_truth"])}
+        found = {m: (devkit["wnid_of_id"].get(i), None) for m, i in zip(members, devkit["ground_truth"])}
     else:
         raise SourceError(f"{root / VAL_TAR} holds a flat validation set without labels: add {DEVKIT} to {root}, "
                           "or give --val-labels FILE")
     items = []
     for member in members:
-        key, wnid = f"val/{member}", wnid_of[member]
-        if wnid is None:
+        key, (wnid, conflict) = f"val/{member}", found[member]
+        if conflict:
+            rejects.append(Reject("val", key, conflict))
+        elif wnid is None:
             rejects.append(Reject("val", key, "no label for this file"))
         elif wnid not in label_of:
             rejects.append(Reject("val", key, f"label '{wnid}' is not a class of the training archive"))
@@ -187,12 +218,26 @@ def _scan_val(root, val_labels, devkit, label_of, index, rejects) -> tuple:
 
 
 def _read_devkit(root: Path) -> dict | None:
-    """{"names": wnid -> words, "wnid_of_id": ILSVRC2012_ID -> wnid, "ground_truth": [ids]} or None."""
+    """{"names": wnid -> words, "wnid_of_id": ILSVRC2012_ID -> wnid, "ground_truth": [ids]} or None.
+
+    A damaged devkit is one SourceError naming the file and what in it is wrong: scipy and
+    tarfile each have many ways to say "not readable", none of them a sentence for a user.
+    """
     path = root / DEVKIT
     if not path.is_file():
         return None
-    import scipy.io
+    meta, truth = _devkit_members(path)
+    synsets = _devkit_synsets(path, meta)
+    try:
+        ground_truth = [int(line) for line in truth.decode().split()]
+    except (UnicodeDecodeError, ValueError) as error:
+        raise SourceError(f"{path}: data/ILSVRC2012_validation_ground_truth.txt cannot be read ({error}); "
+                          f"{DEVKIT_HINT}") from None
+    return {**synsets, "ground_truth": ground_truth}
 
+
+def _devkit_members(path: Path) -> tuple[bytes, bytes]:
+    """The bytes of meta.mat and of the validation ground truth."""
     try:
         with tarfile.open(path, "r:gz") as devkit:
             files = {PurePosixPath(m.name).name: m for m in devkit.getmembers() if m.isfile()}
@@ -201,18 +246,28 @@ def _read_devkit(root: Path) -> dict | None:
                 raise SourceError(f"{path} has no {' or '.join(missing)}; add the ILSVRC2012 devkit, "
                                   "or give --val-labels FILE")
             meta = devkit.extractfile(files["meta.mat"]).read()
-            truth = devkit.extractfile(files["ILSVRC2012_validation_ground_truth.txt"]).read().decode()
-    except (tarfile.TarError, OSError, UnicodeDecodeError) as error:
-        raise SourceError(f"{path} is not a readable devkit: {error}") from None
-    except EOFError:
-        raise SourceError(f"{path} is truncated") from None
+            truth = devkit.extractfile(files["ILSVRC2012_validation_ground_truth.txt"]).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as error:  # EOFError: a truncated gzip
+        raise SourceError(f"{path}: the archive cannot be read ({error or type(error).__name__}); "
+                          f"{DEVKIT_HINT}") from None
+    return meta, truth
+
+
+def _devkit_synsets(path: Path, meta: bytes) -> dict:
+    """wnid -> words and ILSVRC2012_ID -> wnid of the leaf synsets (the 1000 classes) in meta.mat."""
+    import scipy.io
+    from scipy.io.matlab import MatReadError
+
     try:
         synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
         leaves = [s for s in synsets if int(s["num_children"]) == 0]
         return {
             "names": {str(s["WNID"]): str(s["words"]) for s in leaves},
             "wnid_of_id": {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves},
-            "ground_truth": [int(line) for line in truth.split()],
         }
-    except (ValueError, KeyError, TypeError, IndexError) as error:  # scipy's many ways to say "not a .mat"
-        raise SourceError(f"{path} has an unreadable meta.mat or ground truth: {error}") from None
+    # empty, zero-filled, truncated, another format, a v7.3 (HDF5) file, or a table without our fields
+    except (MatReadError, OSError, ValueError, zlib.error, NotImplementedError, TypeError, IndexError) as error:
+        reason = str(error) or type(error).__name__
+    except KeyError as error:
+        reason = f"no {error} table or field"
+    raise SourceError(f"{path}: data/meta.mat cannot be read ({reason}); {DEVKIT_HINT}")

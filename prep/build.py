@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prep.atomic import atomic_write_text
-from prep.decode import decode_resize, encode_jpeg
+from prep.atomic import atomic_write_text, no_space
+from prep.decode import HELD_BYTES_PER_PIXEL, decode_resize, encode_jpeg
 from prep.errors import BadImage, OutputError, PrepError
 from prep.plan import ShardOptions, ShardTask
 from prep.shards import sha256_file, write_shard
@@ -32,8 +32,10 @@ LASTING_READ_ERRORS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, er
 
 
 def max_file_bytes(options: ShardOptions) -> int:
-    """No honest encoding needs more than 8 bytes a pixel (16-bit RGBA, uncompressed)."""
-    return 8 * options.max_pixels + (1 << 20)
+    """Files are read whole, so this bounds a worker's memory. decode.check_decoded_bytes admits
+    images of at most HELD_BYTES_PER_PIXEL bytes a pixel of the cap once decoded; an
+    uncompressed file of such an image is no larger, plus its header."""
+    return HELD_BYTES_PER_PIXEL * options.max_pixels + (1 << 20)
 
 
 def record_path(out: Path, task: ShardTask) -> Path:
@@ -81,5 +83,8 @@ def build_shard(task: ShardTask, reader, out: Path, options: ShardOptions, on_im
         record["rejects"] = rejects
         atomic_write_text(record_path(out, task), json.dumps(record))
     except OSError as error:  # a full disk, a lost mount: one line, and a rerun resumes
+        if no_space(error):
+            raise OutputError(f"no space left on {out} (writing {task.file}); finished shards are kept: free "
+                              "space, then rerun the same command to resume") from None
         raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
     return record

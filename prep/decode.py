@@ -21,6 +21,10 @@ Colour: every source ends as RGB. Greyscale is repeated, palettes expanded, alph
 (as ``PIL.Image.convert("RGB")`` and torchvision do), CMYK converted by Pillow, 16-bit samples
 reduced to their high byte. EXIF orientation is ignored, as it was when ImageNet was labelled.
 The file type is sniffed from its bytes, so a PNG named ``.JPEG`` decodes as a PNG.
+
+Memory: a header is checked before any pixel is decoded. width x height must be within
+--max-pixels, and the samples at their own depth within what an 8-bit RGB image at that cap
+holds decoded (4 bytes a pixel), so a 16-bit RGB image (6 bytes) may have two thirds as many.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 
 import numpy as np
 import simplejpeg
@@ -45,6 +50,13 @@ BENIGN_JPEG_WARNINGS = ("extraneous bytes before marker", "Invalid SOS parameter
 # Raster formats only: no EPS/PDF (Pillow would call Ghostscript on them) or other exotica.
 PILLOW_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # JPEG covers MPO
 MAX_ASPECT = 4  # policy "crop": a longer source is first cut to its central 4:1 part
+# Decoded bytes a pixel of an 8-bit RGB image takes as decoders hold it: RGBX (simplejpeg) or
+# Pillow's 32-bit pixels. No image may decode to more than --max-pixels of those.
+HELD_BYTES_PER_PIXEL = 4
+# A raw mode naming 16- or 32-bit samples, with their byte order: "RGB;16B", "I;16L", "F;32F".
+# (Packed 5-6-5 pixels, "BGR;16", have no order letter and 8 bits or fewer a sample.)
+WIDE_SAMPLES = re.compile(r";(16|32)[BLNSF]")
+GREY_BAND_PIXELS = 1 << 16  # wide greyscale is reduced to 8 bits this many pixels at a time
 
 
 def decode_resize(data: bytes, size: int, policy: str, max_pixels: int) -> np.ndarray:
@@ -113,6 +125,7 @@ def decode_with_pil(data: bytes, max_pixels: int) -> np.ndarray:
         except Exception as error:  # Pillow raises many types on malformed headers
             raise BadImage(f"cannot read image header: {error}") from None
     check_pixel_count(image.width, image.height, max_pixels)
+    check_decoded_bytes(image, max_pixels)
     try:
         image.load()
         return to_rgb(image)
@@ -123,9 +136,21 @@ def decode_with_pil(data: bytes, max_pixels: int) -> np.ndarray:
 def to_rgb(image: Image.Image) -> np.ndarray:
     """(H, W, 3) uint8 from any Pillow mode; 16-bit greyscale keeps its high byte."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        grey = (np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
+        return high_byte_grey(np.asarray(image))
     return np.array(image.convert("RGB"))  # a writable copy: torch refuses read-only arrays
+
+
+def high_byte_grey(grey: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 from 16- or 32-bit integer greyscale: ``clip(sample >> 8, 0, 255)`` in R, G, B.
+
+    Computed a band of rows at a time: the whole image at once through int64 took 8 bytes a pixel
+    for each temporary (1.9 GB for 100 megapixels), more than the 8-bit RGB the cap is set for.
+    """
+    rgb = np.empty((*grey.shape, 3), np.uint8)
+    rows = max(1, GREY_BAND_PIXELS // max(1, grey.shape[1]))
+    for top in range(0, grey.shape[0], rows):
+        rgb[top : top + rows] = np.clip(grey[top : top + rows] >> 8, 0, 255)[:, :, None]
+    return rgb
 
 
 def check_pixel_count(width: int, height: int, max_pixels: int) -> None:
@@ -133,6 +158,29 @@ def check_pixel_count(width: int, height: int, max_pixels: int) -> None:
         raise BadImage(
             f"too large: {width}x{height} = {width * height:,} pixels exceeds the cap of {max_pixels:,}"
         )
+
+
+def check_decoded_bytes(image: Image.Image, max_pixels: int) -> None:
+    """Refuse, from the header, an image whose samples take more bytes than an 8-bit RGB image at
+    the pixel cap: 16-bit RGB (6 bytes a pixel) may have two thirds of --max-pixels."""
+    bits = sample_bits(image)
+    needed = image.width * image.height * len(image.getbands()) * bits // 8
+    allowed = HELD_BYTES_PER_PIXEL * max_pixels
+    if needed > allowed:
+        raise BadImage(f"too large: {image.width}x{image.height} {bits}-bit {image.mode} needs {needed:,} bytes "
+                       f"decoded, over the {allowed:,} that the cap of {max_pixels:,} pixels allows")
+
+
+def sample_bits(image: Image.Image) -> int:
+    """Bits of one sample in the file, from the header. Pillow names a 16-bit RGB PNG or TIFF mode
+    "RGB": only the raw mode of its first tile ("RGB;16B") tells the depth. A depth given some
+    other way (a 16-bit PPM's maxval) counts as 8 bits: Pillow decodes those to 8 bits anyway."""
+    args = image.tile[0][-1] if image.tile else ""
+    rawmode = args if isinstance(args, str) else args[0] if args and isinstance(args[0], str) else ""
+    wide = WIDE_SAMPLES.search(rawmode)
+    if wide:
+        return int(wide.group(1))
+    return 32 if image.mode in ("I", "F") else 16 if image.mode.startswith("I;16") else 8
 
 
 def output_geometry(width: int, height: int, size: int, policy: str) -> tuple[int, int, int, int]:

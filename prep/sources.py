@@ -11,12 +11,14 @@ Layouts understood (SRC is the folder given to ``imgprep shard``); the ILSVRC-20
 
 Class indices follow the sorted folder names of ``train/`` (for ImageNet: sorted WordNet ids,
 index 0 = n01440764, the torchvision convention). Nothing here opens an image: files whose
-extension is not an image's, or that sit outside a class folder, become rejects.
+extension is not an image's, or that sit outside a class folder, become rejects, and so do
+names that are not UTF-8 (keys are UTF-8 text) and links that loop or lead to a folder.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ IMAGE_EXTENSIONS = frozenset(
 NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "words.txt")
 MAX_CLASSES = 32767  # labels are stored as int16
 SPLITS = ("train", "val")
+NOT_REGULAR = "not a regular file (device, pipe, socket or broken link)"
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,17 @@ class TreeReader:
             status = os.fstat(f.fileno())
             if not stat.S_ISREG(status.st_mode):
                 raise BadImage("not a regular file")
-            data = f.read(max_bytes + 1)
-            if status.st_size > max_bytes or len(data) > max_bytes:
-                raise BadImage(f"file too large: over {max_bytes:,} bytes")
+            # The size first: a sparse 10 GB file costs nothing to stat and a lot to read.
+            if status.st_size > max_bytes:
+                raise BadImage(file_too_large(status.st_size, max_bytes))
+            data = f.read(max_bytes + 1)  # + 1: a file still growing is caught too
+            if len(data) > max_bytes:
+                raise BadImage(f"file too large: it grew past the cap of {max_bytes:,} bytes while read")
             return data
+
+
+def file_too_large(size: int, max_bytes: int) -> str:
+    return f"file too large: {size:,} bytes, over the cap of {max_bytes:,}"
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,9 @@ def scan_tree(root: str | os.PathLike, val_labels: str | os.PathLike | None = No
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise SourceError(f"{root} has no train/ folder (expected {root}/train/<class>/<images>)")
-    wnids = sorted(entry.name for entry in os.scandir(train_dir) if entry.is_dir())
+    rejects: list[Reject] = []
+    train_folders = _class_folders(train_dir, "train", rejects)
+    wnids = sorted(train_folders)
     if not wnids:
         raise SourceError(f"{train_dir} has no class folders (expected {train_dir}/<class>/<images>)")
     if len(wnids) > MAX_CLASSES:
@@ -119,18 +131,18 @@ def scan_tree(root: str | os.PathLike, val_labels: str | os.PathLike | None = No
     classes = tuple(ClassInfo(i, w, names.get(w, "")) for i, w in enumerate(wnids))
     index = {c.wnid: c.index for c in classes}
 
-    rejects: list[Reject] = []
-    splits = {"train": _scan_class_folders(root, "train", index, rejects)}
+    splits = {"train": _scan_class_folders(root, "train", train_folders, index, rejects)}
     val_dir = root / "val"
     if val_labels is not None and not val_dir.is_dir():
         raise SourceError(f"--val-labels was given but {root} has no val/ folder")
     if val_dir.is_dir():
+        entries = _list_folder(val_dir)
         if val_labels is not None:
             labels = read_val_labels(val_labels)
             splits["val"] = _scan_flat_folder(root, "val", labels, index, rejects)
-        elif any(entry.is_dir() for entry in os.scandir(val_dir)):
-            splits["val"] = _scan_class_folders(root, "val", index, rejects)
-        elif any(is_image_name(e.name) for e in os.scandir(val_dir)):
+        elif any(_kind(entry)[0] in ("folder", "folder link") for entry in entries):
+            splits["val"] = _scan_class_folders(root, "val", _class_folders(val_dir, "val", rejects), index, rejects)
+        elif any(is_image_name(entry.name) for entry in entries):
             raise SourceError(
                 f"{val_dir} holds images but no class folders: give --val-labels FILE "
                 "(lines 'filename wnid', or a CSV with those two columns)"
@@ -154,12 +166,35 @@ def read_class_names(root: Path) -> dict[str, str]:
     return {}
 
 
-def read_val_labels(path: str | os.PathLike) -> dict[str, str]:
+class ValLabels(dict):
+    """File name (with and without extension) -> wnid, from a validation labels file.
+
+    ``conflicts`` maps each name the file gives two or more different wnids to those wnids:
+    such a file has no trustworthy label, and taking the last line would hide the mistake.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conflicts: dict[str, tuple[str, ...]] = {}
+
+    def lookup(self, name: str) -> tuple[str | None, str | None]:
+        """(wnid or None when unlabelled, None) or (None, why the labels conflict)."""
+        for candidate in (name, os.path.splitext(name)[0]):
+            if candidate in self.conflicts:
+                wnids = " and ".join(self.conflicts[candidate])
+                return None, f"conflicting labels for this file in the validation labels: {wnids}"
+            if candidate in self:
+                return self[candidate], None
+        return None, None
+
+
+def read_val_labels(path: str | os.PathLike) -> ValLabels:
     """Map validation file name (with and without extension) -> wnid.
 
     Accepts whitespace-separated ``filename wnid`` lines or a CSV whose first two columns are
     the file name and a field starting with the wnid (Kaggle's ``LOC_val_solution.csv`` puts
     boxes after it). A header line does no harm: no image is named like its first field.
+    The same line twice is harmless; one name with two different wnids goes to ``conflicts``.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -168,15 +203,25 @@ def read_val_labels(path: str | os.PathLike) -> dict[str, str]:
     rows = csv.reader(text.splitlines()) if "," in text.split("\n", 1)[0] else (
         line.split() for line in text.splitlines()
     )
-    labels: dict[str, str] = {}
+    given: dict[str, list[str]] = {}  # file name -> its distinct wnids, in file order
     for row in rows:
         if len(row) < 2 or not row[1].split():
             continue
-        filename, wnid = row[0].strip(), row[1].split()[0]
-        labels[filename] = wnid
-        labels.setdefault(os.path.splitext(filename)[0], wnid)
-    if not labels:
+        wnids = given.setdefault(row[0].strip(), [])
+        if row[1].split()[0] not in wnids:
+            wnids.append(row[1].split()[0])
+    if not given:
         raise SourceError(f"{path} has no 'filename wnid' lines")
+    labels = ValLabels()
+    for filename, wnids in given.items():
+        if len(wnids) > 1:
+            labels.conflicts[filename] = tuple(wnids)
+        else:
+            labels[filename] = wnids[0]
+    for filename, wnids in given.items():  # then names without extension, never over one given as such
+        stem = os.path.splitext(filename)[0]
+        if len(wnids) == 1 and stem not in given:
+            labels.setdefault(stem, wnids[0])
     return labels
 
 
@@ -184,15 +229,98 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def is_utf8(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (Python keeps them as lone surrogates):
+    keys are UTF-8 strings in the shards, in the plan's hashes and in rejects.jsonl."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(name: str) -> str:
+    """``name`` as valid UTF-8 text for keys and reasons: a byte that is not UTF-8 is written as a
+    backslash escape, so the name b"bad\\xff.JPEG" reads bad\\xff.JPEG."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _extension_reason(name: str) -> str:
     ext = os.path.splitext(name)[1]
     return f"not an image file (extension '{ext}')" if ext else "not an image file (no extension)"
 
 
+def _name_reason(kind: str) -> str:
+    if kind in ("folder", "folder link"):
+        return "folder name is not valid UTF-8; its files are not read"
+    return "file name is not valid UTF-8"
+
+
+def _list_folder(folder: Path) -> list[os.DirEntry]:
+    """The entries of a top-level folder (train/, val/), sorted by name."""
+    try:
+        return sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as error:
+        raise SourceError(f"cannot read {folder}: {error.strerror or error}") from None
+
+
+def _kind(entry: os.DirEntry) -> tuple[str, str]:
+    """("file" | "folder" | "folder link", "") for an entry we can use, else ("reject", why).
+
+    A link to a regular file is a file. Links to folders are told apart: callers choose whether
+    to follow them. A link that cannot be followed (a loop, a missing target) is a reject, never
+    an exception: one bad entry must not stop the scan of a million good ones.
+    """
+    try:
+        if entry.is_symlink():
+            mode = entry.stat().st_mode  # follows the link
+            if stat.S_ISDIR(mode):
+                return "folder link", ""
+            return ("file", "") if stat.S_ISREG(mode) else ("reject", NOT_REGULAR)
+        if entry.is_dir(follow_symlinks=False):
+            return "folder", ""
+        return ("file", "") if entry.is_file(follow_symlinks=False) else ("reject", NOT_REGULAR)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "reject", "symlink loop"
+        if error.errno == errno.ENOENT:  # a link to nothing
+            return "reject", NOT_REGULAR
+        return "reject", f"cannot be read: {error.strerror or error}"
+
+
+def _class_folders(split_dir: Path, split: str, rejects: list[Reject]) -> dict[str, Path]:
+    """Class name -> folder, for the class folders of ``split_dir``; anything else is a reject.
+
+    Links to folders are followed here (a class may live on another disk), except links to
+    ``split_dir`` or above it: a class holding the whole split would read every image twice.
+    """
+    folders = {}
+    for entry in _list_folder(split_dir):
+        key = f"{split}/{printable(entry.name)}"
+        kind, reason = _kind(entry)
+        if kind == "reject":
+            rejects.append(Reject(split, key, reason))
+        elif kind == "file":
+            rejects.append(Reject(split, key, "not inside a class folder"))
+        elif not is_utf8(entry.name):
+            rejects.append(Reject(split, key, _name_reason(kind)))
+        elif kind == "folder link" and _is_at_or_above(Path(os.path.realpath(entry.path)), split_dir):
+            rejects.append(Reject(split, key, "a link to a folder above it (a cycle)"))
+        else:
+            folders[entry.name] = Path(entry.path)
+    return folders
+
+
+def _is_at_or_above(target: Path, folder: Path) -> bool:
+    folder = folder.resolve()
+    return target == folder or target in folder.parents
+
+
 def _walk_files(folder: Path, root: Path, split: str, rejects: list[Reject]):
     """Yield '/'-separated paths relative to ``root`` of the regular files below ``folder``,
-    sorted. Anything else (a device, a pipe, a broken link, an unreadable folder) is a reject:
-    reading /dev/zero or a FIFO named .JPEG would never end."""
+    sorted. Anything else (a device, a pipe, a broken link, a link loop, an unreadable folder, a
+    name that is not UTF-8) is a reject: reading /dev/zero or a FIFO named .JPEG would never end.
+    Links to folders are not followed, so no cycle of links can make the walk endless."""
     rel = folder.relative_to(root).as_posix()
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -200,39 +328,43 @@ def _walk_files(folder: Path, root: Path, split: str, rejects: list[Reject]):
         rejects.append(Reject(split, rel, f"unreadable folder: {error.strerror or error}"))
         return
     for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
+        key = f"{rel}/{printable(entry.name)}"
+        kind, reason = _kind(entry)
+        if kind == "reject":
+            rejects.append(Reject(split, key, reason))
+        elif not is_utf8(entry.name):
+            rejects.append(Reject(split, key, _name_reason(kind)))
+        elif kind == "folder":
             yield from _walk_files(Path(entry.path), root, split, rejects)
-        elif entry.is_file():  # follows links: a link to a regular file is one
-            yield f"{rel}/{entry.name}"
+        elif kind == "folder link":
+            rejects.append(Reject(split, key, "a link to a folder; not followed"))
         else:
-            rejects.append(Reject(split, f"{rel}/{entry.name}", "not a regular file (device, pipe, socket or "
-                                                               "broken link)"))
+            yield key
 
 
-def _scan_class_folders(root: Path, split: str, index: dict[str, int], rejects: list[Reject]):
+def _scan_class_folders(root: Path, split: str, folders: dict[str, Path], index: dict[str, int],
+                        rejects: list[Reject]):
     items = []
-    for entry in sorted(os.scandir(root / split), key=lambda e: e.name):
-        if not entry.is_dir():
-            rejects.append(Reject(split, f"{split}/{entry.name}", "not inside a class folder"))
-            continue
-        label = index.get(entry.name)
-        for key in _walk_files(Path(entry.path), root, split, rejects):
+    for name, folder in sorted(folders.items()):
+        label = index.get(name)
+        for key in _walk_files(folder, root, split, rejects):
             if not is_image_name(key):
                 rejects.append(Reject(split, key, _extension_reason(key)))
             elif label is None:
-                rejects.append(Reject(split, key, f"class folder '{entry.name}' is not in train/"))
+                rejects.append(Reject(split, key, f"class folder '{name}' is not in train/"))
             else:
                 items.append((key, label))
     return tuple(items)
 
 
-def _scan_flat_folder(root, split, labels: dict[str, str], index: dict[str, int], rejects):
+def _scan_flat_folder(root, split, labels: ValLabels, index: dict[str, int], rejects):
     items = []
     for key in _walk_files(root / split, root, split, rejects):
-        name = key.split("/", 1)[1]
-        wnid = labels.get(name) or labels.get(os.path.splitext(name)[0])
+        wnid, conflict = labels.lookup(key.split("/", 1)[1])
         if not is_image_name(key):
             rejects.append(Reject(split, key, _extension_reason(key)))
+        elif conflict:
+            rejects.append(Reject(split, key, conflict))
         elif wnid is None:
             rejects.append(Reject(split, key, "no label for this file in the validation labels"))
         elif wnid not in index:

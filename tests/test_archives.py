@@ -130,7 +130,7 @@ def test_bad_members_are_rejected_not_read(tree, tmp_path):
         extra_class={"inner.tar": tar_bytes({"a.JPEG": b"x"}), "../escape.JPEG": b"x", "notes.txt": b"x",
                      "huge.JPEG": b"\xff" * 5_000_000, "link.JPEG": link})
     out = tmp_path / "out"
-    shard(archives, out, "--max-pixels", "310000")  # caps files at 8 x 310,000 + 1 MiB = 3.5 MB
+    shard(archives, out, "--max-pixels", "310000")  # caps files at 4 x 310,000 + 1 MiB = 2.3 MB
     rejects = {r["path"]: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
     first = "train/n01440764"
     assert rejects["train/README.txt"].startswith("not a per-class tar")
