@@ -21,7 +21,7 @@ import numpy as np
 from augment.errors import AugmentError
 from augment.spec import AugmentSpec
 from prep.errors import ShardFormatError
-from prep.stats import load_stats
+from prep.stats import InvalidStatsError, load_stats
 
 # torchvision's ImageNet constants, on the 0-255 scale: only a fallback without stats.json.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -42,6 +42,8 @@ def colour_stats(root, spec: AugmentSpec) -> ColourStats:
     needs_stats = spec.uses_lighting or spec.normalize == "mean-image"
     try:
         stats = load_stats(root, with_mean_image=spec.normalize == "mean-image")
+    except InvalidStatsError:  # there but unusable: never fall back silently
+        raise
     except ShardFormatError as error:  # no stats.json (stale ones raise StaleStatsError through)
         if needs_stats:
             what = "PCA lighting" if spec.uses_lighting else "mean-image normalisation"

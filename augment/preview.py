@@ -25,8 +25,9 @@ LABEL_HEIGHT = 14
 
 
 def make_preview(root, out, split: str = "train", images: int = 6, versions: int = 5, lighting: float = 0.1,
-                 seed: int = 0, crop: int | None = None) -> Path:
-    """``crop`` defaults to the paper's proportion of the shard size, 224 / 256."""
+                 seed: int = 0, crop: int | None = None) -> tuple[Path, int]:
+    """(the PNG written, rows drawn: ``images`` or the split's size if smaller). ``crop``
+    defaults to the paper's proportion of the shard size, 224 / 256."""
     shard_set = open_shards(root)
     reader = shard_set.split(split)
     crop = crop or reader.size * 224 // 256
@@ -53,6 +54,9 @@ def make_preview(root, out, split: str = "train", images: int = 6, versions: int
             sheet.paste(Image.fromarray(views[version][row]), (GAP + (version + 1) * cell + offset,
                                                                top + LABEL_HEIGHT + offset))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(out)
+    except (OSError, ValueError) as error:  # ValueError: a name without an image extension
+        raise AugmentError(f"cannot write {out}: {getattr(error, 'strerror', None) or error}") from None
+    return out, len(chosen)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import uuid
@@ -31,6 +32,12 @@ def atomic_path(path: str | os.PathLike):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def no_space(error: BaseException) -> bool:
+    """Whether ``error`` says the disk (or the quota) is full; libraries that wrap the error
+    (libhdf5, torch) keep only the text."""
+    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

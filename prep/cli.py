@@ -181,9 +181,11 @@ def pca_stats(shards, split, workers, sample, seed, quiet):
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("preview.png"),
               show_default=True, help="PNG file to write.")
 @click.option("--split", default="train", show_default=True, help="Split to draw images from.")
-@click.option("--images", default=6, show_default=True, help="Rows: images drawn at random (seeded).")
-@click.option("--versions", default=5, show_default=True, help="Augmented versions of each image.")
-@click.option("--lighting", default=0.1, show_default=True,
+@click.option("--images", default=6, show_default=True, type=click.IntRange(1, 100),
+              help="Rows: images drawn at random (seeded); at most the split's size.")
+@click.option("--versions", default=5, show_default=True, type=click.IntRange(1, 20),
+              help="Augmented versions of each image.")
+@click.option("--lighting", default=0.1, show_default=True, type=click.FloatRange(min=0),
               help="Std of the PCA-lighting alpha (the paper's 0.1 is subtle; try 1 to see its direction).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the images and of their augmentation.")
 @click.option("--crop", type=int, help="Window side in pixels.  [default: 224 for 256-px shards, 7/8 of the side]")
@@ -197,8 +199,8 @@ def preview(shards, out, split, images, versions, lighting, seed, crop):
     """
     from augment.preview import make_preview
 
-    path = make_preview(resolve_shards(shards), out, split, images, versions, lighting, seed, crop)
-    click.echo(f"wrote {path} ({images} images x {versions} augmented versions)")
+    path, rows = make_preview(resolve_shards(shards), out, split, images, versions, lighting, seed, crop)
+    click.echo(f"wrote {path} ({rows} images x {versions} augmented versions)")
 
 
 @main.command()
@@ -209,12 +211,13 @@ def info(shards):
 
     SHARDS defaults to $IMGPREP_SHARDS, else ./shards.
     """
+    from prep.errors import PrepError
     from prep.shards import read_manifest, read_rejects
 
     root = resolve_shards(shards)
     manifest = read_manifest(root)
-    click.echo(f"{root}  ({manifest['format']} v{manifest['version']}, made by {manifest['tool']})")
-    click.echo(f"source   {manifest['source']}")
+    click.echo(f"{root}  ({manifest['format']} v{manifest['version']}, made by {manifest.get('tool', '?')})")
+    click.echo(f"source   {manifest.get('source', '?')}")
     click.echo("options  " + " ".join(f"{k}={v}" for k, v in manifest["options"].items()))
     classes = manifest["classes"]
     shown = ", ".join(f"{c['wnid']}" + (f" ({c['name']})" if c["name"] else "") for c in classes[:3])
@@ -222,17 +225,35 @@ def info(shards):
     click.echo(f"\n{'split':8}{'images':>12}{'shards':>8}{'on disk':>12}{'rejected':>10}")
     for split, entry in manifest["splits"].items():
         size = sum((root / e["file"]).stat().st_size for e in entry["shards"] if (root / e["file"]).exists())
-        click.echo(f"{split:8}{entry['count']:>12,}{len(entry['shards']):>8}{human_bytes(size):>12}"
-                   f"{entry['rejected']:>10,}")
-    rejects = read_rejects(root)
+        count = sum(e["count"] for e in entry["shards"])
+        click.echo(f"{split:8}{count:>12,}{len(entry['shards']):>8}{human_bytes(size):>12}{entry.get('rejected', 0):>10,}")
+    try:
+        rejects = read_rejects(root)
+    except PrepError as error:
+        rejects = []
+        click.echo(f"\nrejects  unreadable: {error}")
     if rejects:
         click.echo(f"\nrejected files by reason (all in {root / 'rejects.jsonl'}):")
         kinds = Counter(r["reason"].split(":")[0] for r in rejects)
         for reason, count in kinds.most_common(8):
             example = next(r["path"] for r in rejects if r["reason"].split(":")[0] == reason)
             click.echo(f"{count:>8,}  {reason}  (e.g. {example})")
-    stats = root / "stats.json"
-    click.echo(f"\nstats    {'present' if stats.exists() else 'none yet (imgprep pca-stats)'}")
+    click.echo(f"\nstats    {stats_state(root)}")
+
+
+def stats_state(root: Path) -> str:
+    """One phrase: whether root's stats.json is there and usable."""
+    from prep.errors import PrepError
+    from prep.shards import STATS
+    from prep.stats import load_stats
+
+    if not (root / STATS).exists():
+        return "none yet (imgprep pca-stats)"
+    try:
+        load_stats(root, with_mean_image=True)
+    except PrepError as error:
+        return f"present but unusable: {error}"
+    return "present, computed from these shards"
 
 
 @main.command()

@@ -88,7 +88,8 @@ def run_local(pending, reader, out, options, workers: int, bar_spec):
                 try:
                     yield future.result()
                 except BrokenProcessPool:
-                    raise PrepError(f"a worker process died while making {task.file} (out of memory?); finished "
+                    cause = "no space left on the disk?" if disk_nearly_full(out, options) else "out of memory?"
+                    raise PrepError(f"a worker process died while making {task.file} ({cause}); finished "
                                     "shards are kept: rerun the same command to resume") from None
         finished = True
     except KeyboardInterrupt:
@@ -100,6 +101,18 @@ def run_local(pending, reader, out, options, workers: int, bar_spec):
         for process in [] if finished else list((getattr(pool, "_processes", None) or {}).values()):
             process.terminate()
         pool.shutdown(wait=True, cancel_futures=True)  # joins the workers: none keeps the folder lock
+
+
+def disk_nearly_full(out, options) -> bool:
+    """Less room left on ``out``'s disk than one more raw shard would take: libhdf5 can take
+    its worker down on a failed write instead of reporting it."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:
+        return False
+    return free < options.shard_size * options.size * options.size * 3
 
 
 def _advance(bar, now: int, seen: int) -> int:

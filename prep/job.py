@@ -89,6 +89,9 @@ def _prepare_output(out: Path, identity: dict, overwrite: bool) -> None:
     if overwrite:
         remove_outputs(out)
     previous = _previous_identity(out)
+    if previous is None and (out / REJECTS).exists():
+        raise OutputError(f"{out} already holds a {REJECTS} that no imgprep run there wrote; move it away or choose "
+                          "another --out (--overwrite deletes it)")
     if previous is not None and not _same_identity(previous, identity):
         raise OutputError(
             f"{out} holds shards made with other options or from another source; "
@@ -105,7 +108,10 @@ def _prepare_output(out: Path, identity: dict, overwrite: bool) -> None:
 def _previous_identity(out: Path) -> dict | None:
     """Identity of what ``out`` holds: None when empty, {} when the shards' origin is unknown."""
     if (out / JOURNAL / RUN_FILE).is_file():
-        return json.loads((out / JOURNAL / RUN_FILE).read_text())
+        try:
+            return json.loads((out / JOURNAL / RUN_FILE).read_text())
+        except (ValueError, UnicodeDecodeError):
+            return {}  # damaged: unknown origin, so only --overwrite may reuse the folder
     if (out / MANIFEST).is_file():
         try:
             return read_manifest(out)

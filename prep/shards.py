@@ -100,14 +100,54 @@ def read_manifest(root) -> dict:
         raise ShardFormatError(
             f"{path} has format version {manifest.get('version')}; this imgprep reads version {VERSION}"
         )
+    problem = manifest_problem(manifest)
+    if problem:
+        raise ShardFormatError(f"{path} is damaged: {problem} (rebuild the folder with 'imgprep shard ... --overwrite')")
     return manifest
 
 
+def manifest_problem(manifest: dict) -> str | None:
+    """What is missing or malformed among the fields readers use, or None."""
+    options = manifest.get("options")
+    if not isinstance(options, dict):
+        return "it has no 'options'"
+    if not isinstance(options.get("size"), int) or options.get("encoding") not in ("raw", "jpeg"):
+        return "its options lack a size or an encoding"
+    classes = manifest.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, dict) and "wnid" in c for c in classes):
+        return "it has no list of classes"
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        return "it has no 'splits'"
+    for name, split in splits.items():
+        shards = split.get("shards") if isinstance(split, dict) else None
+        if not isinstance(shards, list):
+            return f"split '{name}' has no list of shards"
+        for entry in shards:
+            if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("count"), int)):
+                return f"a shard of split '{name}' lacks its file or count"
+            if Path(entry["file"]).is_absolute() or ".." in Path(entry["file"]).parts:
+                return f"shard path {entry['file']!r} points outside the folder"
+    return None
+
+
 def read_rejects(root) -> list[dict]:
+    """rejects.jsonl as a list of {"split", "path", "reason", ...}; one clear error if damaged."""
     path = Path(root) / REJECTS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rejects = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            reject = json.loads(line)
+        except ValueError:
+            reject = None
+        if not isinstance(reject, dict) or not {"path", "reason"} <= set(reject):
+            raise ShardFormatError(f"{path} line {number} is not an imgprep reject record")
+        rejects.append(reject)
+    return rejects
 
 
 def open_shards(root) -> "ShardSet":

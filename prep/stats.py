@@ -38,12 +38,31 @@ from pathlib import Path
 
 import numpy as np
 
-from prep.atomic import atomic_path, atomic_write_text, locked_folder
-from prep.errors import PrepError, ShardFormatError
+from prep.atomic import atomic_path, atomic_write_text, locked_folder, no_space
+from prep.errors import OutputError, PrepError, ShardFormatError
 from prep.shards import MANIFEST, MEAN_IMAGE, STATS, ShardFile, open_shards, read_manifest
 
 STATS_FORMAT = "imgprep-stats"
 FLUSH_EVERY = 1 << 16  # images: uint32 per-position sums hold 2^32 / 255 > 16 M images; flush far earlier
+
+
+class InvalidStatsError(ShardFormatError):
+    """stats.json (or the mean image it names) is there but cannot be used."""
+
+
+def stats_problem(stats: dict) -> str | None:
+    """What is wrong with the fields readers use, or None."""
+    shapes = {"mean": (3,), "std": (3,), "eigval": (3,), "eigvec": (3, 3)}
+    for key, shape in shapes.items():
+        try:
+            value = np.asarray(stats[key], dtype=np.float64)
+        except (KeyError, TypeError, ValueError):
+            return f"'{key}' is missing or not numbers"
+        if value.shape != shape or not np.isfinite(value).all():
+            return f"'{key}' is not {'x'.join(map(str, shape))} finite numbers"
+    if not isinstance(stats.get("mean_image"), str):
+        return "'mean_image' does not name a file"
+    return None
 
 
 class StaleStatsError(PrepError):
@@ -162,13 +181,19 @@ def _compute_stats(root: Path, split: str, workers: int, sample, seed: int, prog
     mean_image = stats.pop("mean_image")
     buffer = io.BytesIO()
     np.save(buffer, mean_image, allow_pickle=False)
-    with atomic_path(root / MEAN_IMAGE) as tmp:
-        Path(tmp).write_bytes(buffer.getvalue())
     document = {"format": STATS_FORMAT, "version": 1, "manifest_sha256": manifest_hash, "split": split,
                 "scale": 255, "sample": sample, "seed": seed, **stats, "mean_image": MEAN_IMAGE,
                 "mean_image_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
                 "eigvec_sign_rule": "the largest-magnitude component of each eigenvector is positive"}
-    atomic_write_text(root / STATS, json.dumps(document, indent=2) + "\n")
+    try:  # the mean image first: stats.json names it by hash, so a half-done pair reads as stale
+        with atomic_path(root / MEAN_IMAGE) as tmp:
+            Path(tmp).write_bytes(buffer.getvalue())
+        atomic_write_text(root / STATS, json.dumps(document, indent=2) + "\n")
+    except OSError as error:
+        if no_space(error):
+            raise OutputError(f"no space left on {root} to write {STATS}: free space, then run "
+                              f"'imgprep pca-stats {root}' again") from None
+        raise OutputError(f"cannot write {STATS} in {root}: {error.strerror or error}") from None
     document["seconds"] = time.perf_counter() - started
     return document
 
@@ -179,14 +204,24 @@ def load_stats(root, with_mean_image: bool = False) -> dict:
     path = root / STATS
     if not path.is_file():
         raise ShardFormatError(f"{root} has no {STATS}: run 'imgprep pca-stats {root}'")
-    stats = json.loads(path.read_text())
-    if stats.get("format") != STATS_FORMAT:
-        raise ShardFormatError(f"{path} is not an imgprep statistics file")
+    again = f"run 'imgprep pca-stats {root}' again"
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidStatsError(f"{path} is not valid JSON ({error}): {again}") from None
+    if not isinstance(stats, dict) or stats.get("format") != STATS_FORMAT:
+        raise InvalidStatsError(f"{path} is not an imgprep statistics file")
+    problem = stats_problem(stats)
+    if problem:
+        raise InvalidStatsError(f"{path} is damaged ({problem}): {again}")
     if stats.get("manifest_sha256") != manifest_sha256(root):
         raise StaleStatsError(f"{path} was computed from other shards than those in {root} "
-                              f"(manifest.json changed since): run 'imgprep pca-stats {root}' again")
+                              f"(manifest.json changed since): {again}")
     if with_mean_image:
-        data = (root / stats["mean_image"]).read_bytes()
+        mean_path = root / Path(stats["mean_image"]).name  # only ever a file beside stats.json
+        if not mean_path.is_file():
+            raise InvalidStatsError(f"{mean_path}, the mean image {STATS} names, is missing: {again}")
+        data = mean_path.read_bytes()
         if hashlib.sha256(data).hexdigest() != stats.get("mean_image_sha256"):
             raise StaleStatsError(f"{root / stats['mean_image']} does not belong to {path}: run "
                                   f"'imgprep pca-stats {root}' again")

@@ -71,3 +71,318 @@ def test_a_killed_shard_job_leaves_no_worker_and_no_lock_and_resumes_identically
     assert rerun.returncode == 0, rerun.stderr  # no "another imgprep is writing"
     assert "kept from an earlier run" in rerun.stdout
     assert tree_bytes(out) == tree_bytes(clean)
+
+
+# ----------------------------------------------------------------------------- train: checkpoints
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, stats_shards):
+    """A one-epoch run of the tiny model on the session's shards (4 classes)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = train_cli("run", stats_shards, "--arch", "tiny_models:tiny", "--epochs", 1, *FAST, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def one_line_error(result, *phrases) -> None:
+    """Exit 1 and one error line (the last), naming ``phrases``; no traceback."""
+    assert result.exit_code == 1, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and result.output.count("Error") == 1, result.output
+    assert "Traceback" not in result.output
+    for phrase in phrases:
+        assert phrase in last, last
+
+
+class Payload:
+    """Not a tensor or a plain value: weights_only must refuse it."""
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "pickled object", "not ours"])
+def test_damaged_checkpoints_are_one_line_on_resume_and_eval(trained, tmp_path, damage):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    last = run / "last.pt"
+    whole = last.read_bytes()
+    if damage == "empty":
+        last.write_bytes(b"")
+    elif damage == "truncated":
+        last.write_bytes(whole[: len(whole) // 2])
+    elif damage == "garbage":
+        last.write_bytes(os.urandom(len(whole)))
+    elif damage == "pickled object":
+        torch.save({"model": Payload()}, last)
+    else:
+        torch.save({"weights": torch.zeros(3)}, last)
+    expected = {"empty": "is empty", "truncated": "is damaged", "garbage": "is damaged",
+                "pickled object": "refusing to load it", "not ours": "is not a train checkpoint"}[damage]
+    for result in (train_cli("run", "--resume", run, "--device", "cpu"), train_cli("eval", last, "--device", "cpu")):
+        one_line_error(result, str(last), expected)
+        assert "weights_only=False" not in result.output
+
+
+def test_leftovers_of_a_save_cut_short_are_removed_on_resume(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    leftover = run / "last.pt.tmp-0123456789ab"
+    leftover.write_bytes(b"half a checkpoint")
+    result = train_cli("run", "--resume", run, "--device", "cpu", "--epochs", 2, "--workers", 0, "--backend", "torch")
+    assert result.exit_code == 0, result.output
+    assert not leftover.exists()
+
+
+def test_train_eval_refuses_shards_of_another_class_list(trained, tmp_path):
+    from prep.stats import compute_stats
+
+    for classes, phrase in ((2, "4 classes against 2"), (6, "4 classes against 6")):
+        src = make_fake_imagenet(tmp_path / f"src{classes}", classes=classes, train_per_class=2, val_per_class=2,
+                                 awkward=False, large_fraction=0)
+        other = tmp_path / f"shards{classes}"
+        assert run_cli(["shard", str(src), "--out", str(other), "--quiet"]).exit_code == 0
+        compute_stats(other, progress=False)
+        result = train_cli("eval", trained / "best.pt", "--shards", other, "--device", "cpu", "--workers", 0,
+                           "--backend", "torch")
+        one_line_error(result, "was trained on other classes", phrase)
+
+
+def test_a_second_run_on_the_same_folder_is_refused(stats_shards, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "train", "run", str(stats_shards), "--arch", "tiny_models:tiny",
+                              "--epochs", "200", *FAST, "--out", str(out)], env=ENV, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "last.pt").is_file():
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        second = train_cli("run", stats_shards, "--arch", "tiny_models:tiny", *FAST, "--out", out, "--epochs", 3)
+        one_line_error(second, f"another train run is writing to {out}")
+        resumed = train_cli("run", "--resume", out, "--device", "cpu")
+        one_line_error(resumed, f"another train run is writing to {out}")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+
+
+# ----------------------------------------------------------------------------- train: silent no-ops
+
+
+def test_plateau_refuses_an_empty_val_split(tmp_path):
+    from prep.stats import compute_stats
+
+    src = make_fake_imagenet(tmp_path / "src", classes=2, train_per_class=8, val_per_class=2, awkward=False,
+                             large_fraction=0)
+    flat = tmp_path / "flat"
+    (flat / "val").mkdir(parents=True)
+    (flat / "train").symlink_to(src / "train")
+    for image in (src / "val").rglob("*.JPEG"):
+        (flat / "val" / image.name).write_bytes(image.read_bytes())
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{image.name},n00000000\n" for image in (flat / "val").iterdir()))  # unknown wnid
+    assert run_cli(["shard", str(flat), "--out", str(tmp_path / "shards"), "--val-labels", str(labels),
+                    "--quiet"]).exit_code == 0
+    compute_stats(tmp_path / "shards", progress=False)
+    result = train_cli("run", tmp_path / "shards", "--arch", "tiny_models:tiny", *FAST, "--out", tmp_path / "run")
+    one_line_error(result, "has an empty val split", "--schedule plateau")
+
+
+@pytest.mark.parametrize("option", ["--lr", "--weight-decay", "--lighting", "--warmup-epochs", "--momentum"])
+def test_nan_options_are_refused(stats_shards, tmp_path, option):
+    result = train_cli("run", stats_shards, "--arch", "tiny_models:tiny", *FAST, option, "nan", "--out", tmp_path / "r")
+    one_line_error(result, "must be a finite number, got nan")
+
+
+def test_a_first_epoch_nan_names_no_checkpoint_that_does_not_exist(stats_shards, tmp_path):
+    result = train_cli("run", stats_shards, "--arch", "tiny_models:tiny_nan_after_2", "--epochs", 2, *FAST,
+                       "--out", tmp_path / "run")
+    one_line_error(result, "loss is nan at epoch 1", "no checkpoint was saved before it")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_crop_the_model_cannot_take_is_one_line(stats_shards, tmp_path):
+    result = train_cli("run", stats_shards, *FAST, "--crop", 1, "--lighting", 0, "--out", tmp_path / "r")
+    one_line_error(result, "--arch alexnet cannot take 1 x 1 inputs", "use a larger --crop")
+
+
+def test_checkpoint_minutes_saves_mid_epoch_so_a_kill_loses_little(stats_shards, tmp_path):
+    # Batch 2: 30 steps an epoch, checked every 10; a clock of 0.001 min saves at each check.
+    args = ["run", stats_shards, "--arch", "tiny_models:tiny_dropout", "--epochs", 2, "--device", "cpu",
+            "--workers", 1, "--batch-size", 2]
+    whole, group = run_command([sys.executable, "-m", "train", *args, "--out", tmp_path / "whole"], env=ENV)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "train", *map(str, args), "--checkpoint-minutes", "0.001",
+                                "--out", str(out)], env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while True:  # until a mid-epoch checkpoint of the second epoch is on disk
+        assert process.poll() is None and time.time() < deadline
+        if (out / "last.pt").is_file():
+            partial = torch.load(out / "last.pt", weights_only=True)["partial"]
+            if partial and partial["epoch"] == 1:
+                break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert_group_ends(process.pid)
+    resumed, _ = run_command([sys.executable, "-m", "train", "run", "--resume", out, "--device", "cpu"], env=ENV)
+    assert resumed.returncode == 0 and "resuming in epoch 2 at step" in resumed.stdout, resumed.stdout + resumed.stderr
+    a, b = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (tmp_path / "whole", out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- companion files
+
+
+def test_a_missing_mean_image_is_one_line(fresh_copy, stats_shards, tmp_path):
+    for name in ("stats.json", "stats-mean.npy"):
+        (fresh_copy / name).write_bytes((stats_shards / name).read_bytes())
+    (fresh_copy / "stats-mean.npy").unlink()
+    result = train_cli("run", fresh_copy, "--arch", "tiny_models:tiny", *FAST, "--normalize", "mean-image",
+                       "--out", tmp_path / "run")
+    one_line_error(result, "stats-mean.npy", "is missing", "imgprep pca-stats")
+
+
+@pytest.mark.parametrize("damage", ["not json", "no eigenvectors"])
+def test_an_invalid_stats_file_is_named_by_info_and_refused_by_train(fresh_copy, stats_shards, tmp_path, damage):
+    stats = json.loads((stats_shards / "stats.json").read_text())
+    (fresh_copy / "stats-mean.npy").write_bytes((stats_shards / "stats-mean.npy").read_bytes())
+    if damage == "not json":
+        (fresh_copy / "stats.json").write_text("{ truncated")
+    else:
+        del stats["eigvec"]
+        (fresh_copy / "stats.json").write_text(json.dumps(stats))
+    info = run_cli(["info", str(fresh_copy)])
+    assert info.exit_code == 0 and "stats    present but unusable" in info.output, info.output
+    result = train_cli("run", fresh_copy, "--arch", "tiny_models:tiny", *FAST, "--out", tmp_path / "run")
+    one_line_error(result, "stats.json")
+
+
+def test_a_corrupt_rejects_file_does_not_break_info_and_stops_a_resume_with_one_line(fake_src, tmp_path):
+    out = tmp_path / "shards"
+    assert run_cli(["shard", str(fake_src), "--out", str(out), "--shard-size", "16", "--quiet"]).exit_code == 0
+    (out / "rejects.jsonl").write_text('{"split": "train", "path": "a.JPEG", "reason": "x"}\n{broken\n')
+    info = run_cli(["info", str(out)])
+    assert info.exit_code == 0 and "rejects  unreadable" in info.output and "line 2" in info.output
+    next(out.glob("train/*.h5")).unlink()  # a shard lost: the rerun rebuilds it from the manifest
+    one_line_error(run_cli(["shard", str(fake_src), "--out", str(out), "--shard-size", "16", "--quiet"]),
+                   "rejects.jsonl line 2")
+
+
+@pytest.mark.parametrize("key", ["options", "classes", "splits"])
+def test_a_manifest_missing_keys_is_one_line(fresh_copy, key):
+    manifest = json.loads((fresh_copy / "manifest.json").read_text())
+    del manifest[key]
+    (fresh_copy / "manifest.json").write_text(json.dumps(manifest))
+    one_line_error(run_cli(["info", str(fresh_copy)]), "manifest.json is damaged")
+
+
+def test_a_foreign_rejects_file_is_not_overwritten(fake_src, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "rejects.jsonl").write_text("somebody else's notes\n")
+    one_line_error(run_cli(["shard", str(fake_src), "--out", str(out), "--quiet"]), "rejects.jsonl that no imgprep")
+    assert (out / "rejects.jsonl").read_text() == "somebody else's notes\n"
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def test_an_output_folder_that_is_a_file_is_one_line(fake_src, stats_shards, tmp_path):
+    target = tmp_path / "a-file"
+    target.write_text("not a folder")
+    shard = run_cli(["shard", str(fake_src), "--out", str(target), "--quiet"])
+    assert shard.exit_code == 2 and "is a file" in shard.output  # click's usage error
+    one_line_error(train_cli("run", stats_shards, "--arch", "tiny_models:tiny", *FAST, "--out", target), "is a file")
+
+
+def test_preview_arguments(stats_shards, tmp_path):
+    for bad in (["--images", "0"], ["--versions", "-1"]):
+        result = run_cli(["preview", str(stats_shards), "--out", str(tmp_path / "p.png"), *bad])
+        assert result.exit_code == 2 and "Invalid value" in result.output
+    result = run_cli(["preview", str(stats_shards), "--out", str(tmp_path / "p.png"), "--images", "100"])
+    assert result.exit_code == 0 and "(60 images x 5" in result.output  # the split holds 60
+    (tmp_path / "a-file").write_text("x")  # a file where the PNG's folder should be
+    one_line_error(run_cli(["preview", str(stats_shards), "--out", str(tmp_path / "a-file" / "p.png")]),
+                   "cannot write")
+
+
+def test_a_loader_state_outside_the_epoch_is_refused(stats_shards):
+    from augment import AugmentSpec, Loader
+    from augment.errors import AugmentError
+
+    with Loader(stats_shards, "train", 8, AugmentSpec(), backend="torch", device="cpu", workers=0) as loader:
+        for position in (-1, len(loader) + 1):
+            with pytest.raises(AugmentError, match="outside an epoch"):
+                loader.load_state_dict({"epoch": 0, "position": position, "seed": 0, "world_size": 1})
+
+
+# ----------------------------------------------------------------------------- full disks
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """(folder on a tmpfs of a few MB, resize(megabytes)). Mounting needs root: without it the
+    test is skipped, and says why."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {mounted.stderr.strip()}")
+
+    def resize(megabytes: float) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={int(megabytes * 1024)}k", str(disk)], check=True)
+
+    yield disk, resize
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave_bytes: int) -> None:
+    """Take all but about ``leave_bytes`` of ``disk``'s free space."""
+    import shutil
+
+    free = shutil.disk_usage(disk).free
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave_bytes))
+
+
+def test_a_full_disk_stops_the_shard_job_with_one_line_and_it_resumes_after(fake_src, small_disk, tmp_path):
+    disk, resize = small_disk
+    clean = tmp_path / "clean"
+    assert run_cli(["shard", str(fake_src), "--out", str(clean), "--shard-size", "8", "--quiet"]).exit_code == 0
+    out = disk / "out"
+    result = imgprep("shard", fake_src, "--out", out, "--shard-size", 8, "--workers", 2, "--quiet")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"no space left on {out}" in result.stderr and "finished shards are kept" in result.stderr
+    resize(64)
+    assert imgprep("shard", fake_src, "--out", out, "--shard-size", 8, "--workers", 2, "--quiet").returncode == 0
+    assert tree_bytes(out) == tree_bytes(clean)
+
+
+def test_a_full_disk_stops_pca_stats_with_one_line(shards, small_disk):
+    import shutil
+
+    disk, resize = small_disk
+    resize(64)
+    copy = disk / "shards"
+    shutil.copytree(shards, copy)
+    fill(disk, 200_000)  # the mean image takes 1.5 MB
+    one_line_error(run_cli(["pca-stats", str(copy), "--quiet"]), f"no space left on {copy}")
+    assert not (copy / "stats.json").exists()
+
+
+def test_a_full_disk_stops_training_with_one_line_and_keeps_the_last_checkpoint(stats_shards, small_disk):
+    disk, resize = small_disk
+    out = disk / "run"
+    args = ["run", stats_shards, "--arch", "tiny_models:tiny", *FAST, "--out", out]
+    assert train_cli(*args, "--epochs", 1).exit_code == 0
+    before = (out / "last.pt").read_bytes()
+    fill(disk, 4096)
+    one_line_error(train_cli("run", "--resume", out, "--device", "cpu", "--epochs", 2), f"no space left on {out}")
+    assert (out / "last.pt").read_bytes() == before

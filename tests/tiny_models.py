@@ -60,3 +60,7 @@ def tiny_data_error_on_rank_1(num_classes):
 
 def tiny_bug_on_rank_1(num_classes):
     return FailsOnRank1(num_classes, RuntimeError("an injected bug"))
+
+
+def tiny_nan_after_2(num_classes):
+    return Tiny(num_classes, nan_after=2)

@@ -9,28 +9,77 @@ and step, every rank's RNG states, the loader position, the config, and what pro
 from __future__ import annotations
 
 import os
+import pickle
 import platform
+import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import torch
 
-from prep.atomic import atomic_path
+from prep.atomic import atomic_path, no_space
 from prep.errors import PrepError
 
 LAST, BEST = "last.pt", "best.pt"
 
 
 def save_checkpoint(path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Atomically (a kill leaves the previous file whole); a full disk is one line."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as error:  # torch reports a failed write as a bare RuntimeError
+        folder = Path(path).parent
+        if no_space(error) or shutil.disk_usage(folder).free < tensor_bytes(state):
+            raise CheckpointError(f"no space left on {folder} to save {Path(path).name}; the previous checkpoint "
+                                  "is kept: free space, then train run --resume") from None
+        raise
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of the tensors in a (nested) state: about what its checkpoint takes on disk."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+NEEDED = ("model", "config", "classes", "epoch", "world_size")  # what every reader of a checkpoint uses
+
+
+class CheckpointError(PrepError):
+    """A checkpoint is missing, damaged, or not one of ours."""
 
 
 def load_checkpoint(path) -> dict:
+    """The checkpoint at ``path``, read with weights_only=True (tensors and plain values only:
+    a file that holds anything else is refused, never run). Each way it can be unusable is one
+    sentence naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise PrepError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"no checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (its save was cut short?)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its end is read first
+        raise CheckpointError(f"checkpoint {path} is damaged (truncated or corrupt): it is not a complete "
+                              "torch.save archive")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, which would run the file's code.
+        raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain values; refusing "
+                              "to load it (loading such objects can run code)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} is damaged (truncated or corrupt): {reason}") from None
+    missing = [key for key in NEEDED if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a train checkpoint: it lacks {', '.join(missing)}")
+    return state
 
 
 def rng_states() -> dict:

@@ -203,19 +203,22 @@ def check_run(config, processes: int, resume: bool) -> None:
     from prep.atomic import TMP_MARK
     from prep.shards import open_shards
     from train.checkpoint import LAST
-    from train.models import check_arch
+    from train.models import check_arch, check_input_size
 
     if config.batch_size % processes:
         raise click.ClickException(f"--batch-size {config.batch_size} does not divide over {processes} processes")
     check_arch(config.arch)
-    train = open_shards(config.shards).split("train")
+    shard_set = open_shards(config.shards)
+    train = shard_set.split("train")
+    check_input_size(config.arch, len(shard_set.classes), config.crop)
     if config.batch_size > len(train):
         raise click.ClickException(f"--batch-size {config.batch_size} is larger than the {len(train)} training images")
     colour_stats(config.shards, AugmentSpec(lighting=config.lighting, normalize=config.normalize,
                                             crop_mode=config.crop_mode))
-    if config.schedule == "plateau" and "val" not in open_shards(config.shards).splits:
-        raise click.ClickException(f"{config.shards} has no val split, which --schedule plateau needs; "
-                                   "use --schedule step or cosine")
+    if config.schedule == "plateau" and not ("val" in shard_set.splits and len(shard_set.split("val"))):
+        what = "an empty val split" if "val" in shard_set.splits else "no val split"
+        raise click.ClickException(f"{config.shards} has {what}, and --schedule plateau lowers the rate only when "
+                                   "validation stalls; use --schedule step or cosine (or check the val labels)")
     if not resume and (Path(config.out) / LAST).exists():
         raise click.ClickException(f"{config.out} already holds a run: continue it with --resume {config.out}, "
                                    "or choose another --out")

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from augment import AugmentSpec, Loader
+from prep.atomic import no_space
 from prep.errors import PrepError
 from prep.shards import open_shards
 from train import dist
@@ -253,8 +254,14 @@ class Saver:
             save_checkpoint(self.out / LAST, state)
             if improved:
                 save_checkpoint(self.out / BEST, state)
-            append_metrics(self.out, state["metrics"])
-            plot_curves(self.out)
+            try:
+                append_metrics(self.out, state["metrics"])
+                plot_curves(self.out)
+            except OSError as error:
+                if no_space(error):
+                    raise TrainingError(f"no space left on {self.out} for metrics.jsonl and curves.png; last.pt is "
+                                        "saved: free space, then train run --resume") from None
+                raise
         self.last_save = time.monotonic()
 
     def save_mid_epoch(self, epoch: int, loss: float, count: int) -> None:

@@ -150,3 +150,17 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     import torchvision.models
 
     return torchvision.models.get_model(arch, num_classes=num_classes)
+
+
+def check_input_size(arch: str, num_classes: int, crop: int) -> None:
+    """Refuse a --crop the model cannot take, before any process starts: one forward pass on
+    the meta device (shapes only, no memory, no arithmetic)."""
+    from train.config import ConfigError
+
+    with torch.device("meta"):
+        model = build_model(arch, num_classes)
+        try:
+            model.eval()(torch.empty(1, 3, crop, crop))
+        except (RuntimeError, ValueError) as error:
+            reason = str(error).splitlines()[0]
+            raise ConfigError(f"--arch {arch} cannot take {crop} x {crop} inputs ({reason}); use a larger --crop") from None
