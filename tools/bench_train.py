@@ -38,6 +38,27 @@ def timed_steps(batches, step, warmup: int, steps: int, device: torch.device) ->
     return steps * len(images) / (time.perf_counter() - start)
 
 
+def make_step(config, classes: int, compiled: bool = False):
+    """``step(images, labels)``: one SGD step of the trainer (train.loop.train_step) on a fresh
+    model of ``config.arch``, in its memory format, compiled if asked."""
+    from train.loop import make_optimizer, train_step
+    from train.models import build_model
+
+    where = torch.device(config.device)
+    model = build_model(config.arch, classes).to(where)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if compiled else model
+    optimizer = make_optimizer(model, config)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 autocast needs no loss scaling
+    net.train()
+
+    def step(images, labels):
+        train_step(net, images, labels, optimizer, scaler, config, where)
+
+    return step
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--arch", default="alexnet", show_default=True)
@@ -56,8 +77,6 @@ def main(device, arch, batch_size, steps, workers, backend, channels_last, markd
     from prep.stats import compute_stats
     from tools.fake_imagenet import make_fake_imagenet
     from train.config import TrainConfig
-    from train.loop import make_optimizer, train_step
-    from train.models import build_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
@@ -69,16 +88,7 @@ def main(device, arch, batch_size, steps, workers, backend, channels_last, markd
         config = TrainConfig(arch=arch, batch_size=batch_size, device=device, channels_last=channels_last,
                              normalize="mean-image" if arch == "alexnet" else "channel")
         where = torch.device(device)
-        model = build_model(arch, 4).to(where)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = make_optimizer(model, config)
-        scaler = torch.amp.GradScaler("cuda", enabled=False)
-        model.train()
-
-        def step(images, labels):
-            train_step(model, images, labels, optimizer, scaler, config, where)
-
+        step = make_step(config, classes=4)
         layout = "NHWC" if channels_last else "NCHW"
         synthetic = torch.randn((batch_size, 224, 224, 3) if channels_last else (batch_size, 3, 224, 224), device=where)
         labels = torch.randint(0, 4, (batch_size,), device=where)
