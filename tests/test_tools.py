@@ -4,6 +4,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,7 @@ def test_bench_feed_runs_and_ends_with_its_line(tmp_path):
 def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
     # The GPU machine's time goes to measuring: the script's logic is checked here first.
     result = subprocess.run(["bash", "tools/gpu_check.sh", str(tmp_path / "out"), "--dry-run"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=540)
+                            capture_output=True, text=True, timeout=540, env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0, result.stdout + result.stderr
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     for step in ("=== 1. versions", "=== 2. GPU-marked tests", "=== 3-4.", "=== 4b.", "=== 5.", "=== done"):
