@@ -148,7 +148,7 @@ class Loader:
         self._stream, stop, self._worker_pids = start(self.epoch, self.position)
         # Stopped by close(), else when this Loader is garbage, else at interpreter exit.
         _stop_streams_before_multiprocessing_exits()
-        finalizer = weakref.finalize(self, stop)
+        finalizer = weakref.finalize(self, _stop_in_owner, os.getpid(), stop)
         finalizer.atexit = False  # _stop_all_at_exit runs earlier
         _running_streams.difference_update([f for f in _running_streams if not f.alive])
         _running_streams.add(finalizer)
@@ -185,8 +185,8 @@ class Loader:
         (one copy an image); here the batch goes to the device whole and is cut, mirrored,
         lit and normalised there by batched ops (``torch_ops.augment_batch``)."""
         iterator, ring = start_torch_feed(self, epoch, position)
-        cuda = self.device == "cuda"
-        mean_image = self._mean_image()
+        # Locals, not self: the generator must not keep the Loader alive (its finalizer stops us).
+        spec, colour, device, mean_image = self.spec, self.colour, self.device, self._mean_image()
 
         def batches():
             while True:
@@ -194,11 +194,11 @@ class Loader:
                 filled = next(iterator)
                 images = ring.to_device(filled.slot)
                 batch = filled.batch
-                if self.spec.mode == "test10":
-                    out = ten_crop_batch(images, self.spec, self.colour, mean_image)
+                if spec.mode == "test10":
+                    out = ten_crop_batch(images, spec, colour, mean_image)
                 else:
-                    out = augment_batch(images, batch.params, self.spec, self.colour, mean_image)
-                labels = torch.from_numpy(batch.labels[: batch.count]).to(self.device, non_blocking=cuda)
+                    out = augment_batch(images, batch.params, spec, colour, mean_image)
+                labels = torch.from_numpy(batch.labels[: batch.count]).to(device, non_blocking=device == "cuda")
                 yield out[: batch.count], labels
 
         def stop():
@@ -228,12 +228,23 @@ def start_torch_feed(loader: Loader, epoch: int, position: int):
         filler, sampler=range(2**62), batch_size=None, num_workers=loader.workers, generator=torch.Generator(),
         prefetch_factor=ring.prefetch if loader.workers else None,
         worker_init_fn=_WorkerStart(os.getpid()) if loader.workers else None)
-    with signals_left_to_parent():
-        iterator = iter(stream)  # forks the workers
+    try:
+        with signals_left_to_parent():
+            iterator = iter(stream)  # forks the workers
+    except BaseException:
+        ring.release()
+        raise
     return iterator, ring
 
 
 _running_streams: set = set()  # finalizers of streams, stopped at exit by _stop_all_at_exit
+
+
+def _stop_in_owner(owner: int, stop) -> None:
+    """A collected Loader's finalizer may run in a forked child (a worker of another Loader):
+    the stream is its creator's to stop."""
+    if os.getpid() == owner:
+        stop()
 
 
 def _stop_streams_before_multiprocessing_exits() -> None:
@@ -259,8 +270,9 @@ class SlotRing:
     ahead and hands out the next task when this process takes a batch, so with two slots more
     than that, taking batch r lets a worker start on the slot of batch r - 2, which this process
     finished with before asking for batch r - 1. On a GPU the buffers are page-locked once
-    (cudaHostRegister) and copied asynchronously; before taking batch r we wait for the copy out
-    of the slot of batch r - 2 (long done: it was issued a whole step earlier).
+    (cudaHostRegister) and copied asynchronously on a stream of their own, which overlaps the
+    copy with the model's work; before taking batch r we wait for the copy out of the slot of
+    batch r - 2 (long done: it was issued a whole step earlier).
     """
 
     def __init__(self, workers: int, batch_size: int, size: int, device: str):
@@ -275,6 +287,7 @@ class SlotRing:
         if device == "cuda":
             cudart = torch.cuda.cudart()
             self.registered = int(cudart.cudaHostRegister(self.slots.data_ptr(), self.slots.nbytes, 0)) == 0
+            self.stream = torch.cuda.Stream()
 
     def before_fetch(self) -> None:
         if len(self._copies) == 2:
@@ -284,15 +297,18 @@ class SlotRing:
         images = self.slots[slot]
         if self.device != "cuda":
             return images
-        images = images.to(self.device, non_blocking=self.registered)
-        done = torch.cuda.Event()
-        done.record()
+        with torch.cuda.stream(self.stream):
+            images = images.to(self.device, non_blocking=self.registered)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        torch.cuda.current_stream().wait_event(done)  # the augmentation waits for its input ...
+        images.record_stream(torch.cuda.current_stream())  # ... which the allocator keeps until used
         self._copies.append(done)
         return images
 
     def release(self) -> None:
         if self.registered:
-            torch.cuda.synchronize()
+            self.stream.synchronize()  # only our copies: not the model's kernels, which may never end
             torch.cuda.cudart().cudaHostUnregister(self.slots.data_ptr())
             self.registered = False
 

@@ -77,9 +77,10 @@ def signals_left_to_parent():
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Within the block SIGTERM stops this process as Ctrl-C does (KeyboardInterrupt), so the
-    same cleanup runs: workers stopped, temporary files removed, one line said."""
+def sigterm_as_interrupt(*numbers):
+    """Within the block SIGTERM (or the signals ``numbers``) stops this process as Ctrl-C does
+    (KeyboardInterrupt), so the same cleanup runs: workers stopped, temporary files removed,
+    one line said."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -87,8 +88,9 @@ def sigterm_as_interrupt():
     def interrupt(number, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {number: signal.signal(number, interrupt) for number in numbers or (signal.SIGTERM,)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)

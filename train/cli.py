@@ -156,6 +156,11 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, **options):
         # unit-variance inputs the paper's AlexNet starts far slower.
         paper_input = values.get("arch", "alexnet") == "alexnet" and values.get("crop_mode", "paper") == "paper"
         values.setdefault("normalize", "mean-image" if paper_input else "channel")
+        # The backend this run uses, written down: a resume must not switch it silently (the two
+        # agree to float rounding only, and --resume promises the very same weights).
+        from augment.loader import dali_available
+
+        values.setdefault("backend", "dali" if dali_available() else "torch")
         values["shards"] = shards or os.environ.get(SHARDS_ENV, "shards")
         values["out"] = out or f"runs/{values.get('arch', 'alexnet').replace(':', '-').replace('.', '-')}"
         config = TrainConfig(**values)
@@ -193,6 +198,10 @@ def resumed_config(folder: Path, given: dict, shards, out):
         allowed = ", ".join("--" + c.replace("_", "-") for c in RESUMABLE_CHANGES)
         raise click.ClickException(f"--resume continues the run as it was configured; only {allowed} may change "
                                    f"(not {', '.join(c.replace('_', '-') for c in changed)})")
+    before = state["config"].get("backend")
+    if given.get("backend") and before and given["backend"] != before:
+        click.echo(f"note: this run used the {before} backend; with {given['backend']} it continues, but not "
+                   "bit-exactly (the backends agree to float rounding)", err=True)
     return TrainConfig.from_dict({**state["config"], **given, "out": str(folder)})
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import threading
 import uuid
 from dataclasses import dataclass
 
@@ -68,8 +69,7 @@ def launch(entrypoint, args: tuple, nproc: int):
     memory) -> ``RankError`` naming the signal. The other processes stop when one fails.
 
     SIGTERM, SIGUSR1 and SIGINT sent to this process are passed on to the ranks, which stop in
-    order (``train.loop``); this process waits for them. (Left to the elastic agent, they would
-    end it with an exception that leaves its rendezvous running, and an abort at exit.)
+    order (``train.loop``); this process waits for them.
     """
     import logging
     import shutil
@@ -86,11 +86,15 @@ def launch(entrypoint, args: tuple, nproc: int):
         if name.startswith(quiet):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     reports = tempfile.mkdtemp(prefix="imgprep-ranks-")
+    # signals_to_handle: the agent's own handling of SIGTERM and SIGINT would end it with an
+    # exception that leaves its rendezvous running (and an abort at exit): those are ours.
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+                          signals_to_handle="SIGHUP,SIGQUIT")
     died = {}
-    previous_env = os.environ.get(AGENT_SIGNALS)
-    os.environ[AGENT_SIGNALS] = "SIGHUP,SIGQUIT"  # the rest are ours: see _pass_on
+    watcher = threading.Thread(target=_end_stuck_ranks, args=(reports,), daemon=True, name="end-stuck-ranks")
+    watcher.start()
+    previous_env = os.environ.get(AGENT_SIGNALS)  # LaunchConfig sets it for the agent
     previous = {number: signal.signal(number, functools.partial(_pass_on, reports)) for number in PASSED_ON}
     try:
         try:
@@ -101,6 +105,7 @@ def launch(entrypoint, args: tuple, nproc: int):
             pass
         return _outcome(reports, nproc, died)
     finally:
+        _launch_over.add(reports)
         for number, handler in previous.items():
             signal.signal(number, handler)
         if previous_env is None:
@@ -114,15 +119,68 @@ AGENT_SIGNALS = "TORCHELASTIC_SIGNALS_TO_HANDLE"
 PASSED_ON = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
+STUCK_GRACE_SECONDS = 5  # after one rank failed, how long the others may take to notice
+_launch_over: set = set()  # report folders whose launch has returned (their watchers stop)
+
+
 def _pass_on(reports: str, number, frame) -> None:
-    """Send the signal this launcher received to every rank that has started."""
+    """Send the signal this launcher received to every rank. A rank that has not written its
+    pid yet finds the "stop" file instead (written first, read by ``_report`` after its pid)."""
+    with open(os.path.join(reports, "stop.tmp"), "w") as f:
+        f.write(signal.Signals(number).name)
+    os.replace(os.path.join(reports, "stop.tmp"), os.path.join(reports, "stop"))
+    _signal_ranks(reports, number)
+
+
+def _signal_ranks(reports: str, number, spare=()) -> None:
     for name in os.listdir(reports):
-        if name.endswith(".pid"):
+        if name.endswith(".pid") and name[: -len(".pid")] not in spare:
             try:
                 with open(os.path.join(reports, name)) as f:
                     os.kill(int(f.read()), number)
             except (OSError, ValueError):
-                pass  # not written yet, or already gone
+                pass  # already gone
+
+
+def _end_stuck_ranks(reports: str) -> None:
+    """Once a rank has failed, the others end by themselves when their next collective fails
+    (gloo notices a closed peer at once); NCCL waits for its timeout instead. Give them
+    STUCK_GRACE_SECONDS, then SIGKILL those that have not reported."""
+    import json
+    import time
+
+    failed_at = None
+    while reports not in _launch_over:
+        time.sleep(0.2)
+        try:
+            names = os.listdir(reports)
+        except OSError:
+            return
+        reported = {name[: -len(".json")] for name in names if name.endswith(".json")}
+        if failed_at is None:
+            for rank in reported:
+                try:
+                    with open(os.path.join(reports, rank + ".json")) as f:
+                        record = json.load(f)
+                except (OSError, ValueError):
+                    continue
+                if "error" in record or "traceback" in record:
+                    failed_at = time.monotonic()
+        elif time.monotonic() - failed_at > STUCK_GRACE_SECONDS:
+            _signal_ranks(reports, signal.SIGKILL, spare=reported)
+            return
+
+
+_early_stops: list[str] = []  # stop signals this rank got before its entrypoint installed handlers
+
+
+def _note_early_stop(number, frame) -> None:
+    _early_stops.append(signal.Signals(number).name)
+
+
+def early_stop() -> str | None:
+    """The name of a stop signal that arrived while this process was starting, if any."""
+    return _early_stops[0] if _early_stops else None
 
 
 class RankError(PrepError):
@@ -139,11 +197,16 @@ def _report(entrypoint, args: tuple, reports: str, launcher_pid: int):
     from prep.lifeline import die_with_parent
 
     die_with_parent(launcher_pid)  # a launcher killed outright takes its ranks with it
+    for number in (signal.SIGTERM, signal.SIGUSR1):  # until the entrypoint listens (see early_stop)
+        signal.signal(number, _note_early_stop)
     rank = int(os.environ["RANK"])
     path = os.path.join(reports, f"rank-{rank}.json")
     with open(os.path.join(reports, f"rank-{rank}.pid.tmp"), "w") as f:
         f.write(str(os.getpid()))
     os.replace(os.path.join(reports, f"rank-{rank}.pid.tmp"), os.path.join(reports, f"rank-{rank}.pid"))
+    if os.path.exists(os.path.join(reports, "stop")):  # signalled before our pid was there to see
+        with open(os.path.join(reports, "stop")) as f:
+            _note_early_stop(signal.Signals[f.read().strip()], None)
 
     def leave(record: dict, code: int):
         with open(path + ".tmp", "w") as f:
@@ -153,6 +216,8 @@ def _report(entrypoint, args: tuple, reports: str, launcher_pid: int):
             raise SystemExit(code)
 
     try:
+        if early_stop() == "SIGINT":
+            raise KeyboardInterrupt
         result = entrypoint(*args)
     except PrepError as error:
         leave({"error": str(error)}, 1)

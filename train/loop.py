@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from augment import AugmentSpec, Loader
 from prep.atomic import no_space
 from prep.errors import PrepError
+from prep.lifeline import sigterm_as_interrupt
 from prep.shards import open_shards
 from train import dist
 from train.checkpoint import BEST, LAST, load_checkpoint, provenance, restore_rng_states, rng_states, save_checkpoint
@@ -62,6 +63,7 @@ class StopSignals:
         self._previous = {}
 
     def __enter__(self) -> "StopSignals":
+        self.received = dist.early_stop()  # one that came while the process was starting
         if threading.current_thread() is threading.main_thread():
             self._previous = {number: signal.signal(number, self._note) for number in self.NUMBERS}
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
@@ -389,7 +391,15 @@ def print_summary(config, context, model, train_loader, val_loader, start_epoch,
 
 def evaluate_checkpoint(path, shards: str | None, ten_crop: bool, batch_size: int, device: str, workers: int,
                         backend: str | None) -> dict:
-    """Each process of ``train eval``: the checkpoint's model on the whole validation split."""
+    """Each process of ``train eval``: the checkpoint's model on the whole validation split.
+    An evaluation has nothing to save: SIGTERM and SIGUSR1 end it as Ctrl-C does."""
+    with sigterm_as_interrupt(signal.SIGTERM, signal.SIGUSR1):
+        if dist.early_stop():
+            raise KeyboardInterrupt
+        return evaluate_on_val(path, shards, ten_crop, batch_size, device, workers, backend)
+
+
+def evaluate_on_val(path, shards, ten_crop: bool, batch_size: int, device: str, workers: int, backend) -> dict:
     context = dist.setup(device)
     state = load_checkpoint(path)
     config = TrainConfig.from_dict(state["config"]).with_(
