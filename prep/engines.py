@@ -22,7 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from prep.atomic import release_inherited_locks
 from prep.build import build_shard
 from prep.errors import PrepError
-from prep.lifeline import die_with_parent
+from prep.lifeline import die_with_parent, prepare_workers
 
 INTERRUPTED = "interrupted; finished shards are kept: rerun the same command to resume"
 
@@ -73,6 +73,7 @@ def run_local(pending, reader, out, options, workers: int, bar_spec):
     if not pending:
         return
     counter = multiprocessing.Value("q", 0)
+    prepare_workers()
     pool = ProcessPoolExecutor(max(1, min(workers, len(pending))), mp_context=multiprocessing.get_context(),
                                initializer=_init_worker, initargs=(counter, reader, os.getpid()))
     running = {pool.submit(_run_task, (task, out, options)): task for task in pending}  # forks the workers

@@ -21,6 +21,8 @@ import sys
 import threading
 import time
 
+from prep.atomic import release_inherited_locks
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 GROUP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # what terminals and schedulers send a job
 
@@ -29,8 +31,6 @@ def become_worker(parent_pid: int) -> None:
     """Call first thing in a worker: die with the parent, and ignore the group's SIGINT, SIGTERM
     and SIGUSR1 (workers started by exec, as under 'spawn', begin with an empty signal mask).
     Such a worker no longer ends on terminate(): its parent must stop it in order, or kill it."""
-    from prep.atomic import release_inherited_locks
-
     die_with_parent(parent_pid)
     release_inherited_locks()
     if threading.current_thread() is threading.main_thread():
@@ -38,19 +38,30 @@ def become_worker(parent_pid: int) -> None:
             signal.signal(number, signal.SIG_IGN)
 
 
+_prctl = []  # libc's prctl, looked up in the parent (see prepare_workers)
+
+
+def prepare_workers() -> None:
+    """Call in the parent before it forks workers: look prctl up now. A child forked from a
+    process with other threads must not dlopen (a lock another thread held at the fork stays
+    held in the child for ever)."""
+    if not _prctl and sys.platform.startswith("linux"):
+        try:
+            _prctl.append(ctypes.CDLL(None, use_errno=True).prctl)
+        except (OSError, AttributeError):
+            _prctl.append(None)
+
+
 def die_with_parent(parent_pid: int) -> None:
     """Call in a worker: it is killed when process ``parent_pid`` (its parent) ends, however that
     ends. ``parent_pid`` is taken in the parent before the worker starts, so a parent that dies
     before this call is noticed too."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
-                if os.getppid() != parent_pid:  # gone before prctl took effect
-                    os._exit(1)
-                return
-        except (OSError, AttributeError):
-            pass
+    prepare_workers()  # a no-op in a forked worker: its parent looked it up
+    prctl = _prctl[0] if _prctl else None
+    if prctl is not None and prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+        if os.getppid() != parent_pid:  # gone before prctl took effect
+            os._exit(1)
+        return
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="die-with-parent").start()
 
 
@@ -66,6 +77,7 @@ def signals_left_to_parent():
     mask survives fork and exec), so a signal sent to the whole process group stops only the
     parent, which then closes them in order. The parent's own handlers are untouched: a signal
     that arrives meanwhile stays pending and is handled on leaving the block."""
+    prepare_workers()
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from augment.loader import dali_available
-from conftest import assert_group_ends, run_command
+from conftest import assert_group_ends, living_members, run_command
 
 pytestmark = [pytest.mark.skipif(not dali_available(), reason="the default backend needs DALI"),
               pytest.mark.timeout(600)]
@@ -94,7 +94,11 @@ def wait_for_epochs(out: Path, process: subprocess.Popen, epochs: int, timeout: 
     metrics = out / "metrics.jsonl"
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= epochs):
         assert process.poll() is None, process.communicate()
-        assert time.time() < deadline, "the run made no progress"
+        if time.time() > deadline:  # say where it stands, then end it: a hang must not outlive the test
+            members = "\n".join(living_members(process.pid))
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"no epoch within {timeout} s; processes:\n{members}\nstdout:\n{stdout}\nstderr:\n{stderr}")
         time.sleep(0.05)
 
 
