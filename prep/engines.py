@@ -49,6 +49,9 @@ def _init_worker(counter, reader, parent_pid: int) -> None:
     die_with_parent(parent_pid)
     release_inherited_locks()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # The parent turns SIGTERM into KeyboardInterrupt (a clean stop); a worker inherits that
+    # handler, but it must just end when the parent stops it (terminate()), mid-write or not.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     import torch
 
     torch.set_num_threads(1)  # one process per core already; threads would only fight
