@@ -16,7 +16,6 @@ prefetching across epoch boundaries and the Loader takes exactly one epoch's bat
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
@@ -25,7 +24,7 @@ from augment.colour import ColourStats, lighting_offsets
 from augment.feed import BatchPlan
 from augment.spec import AugmentSpec
 from augment.torch_ops import ten_crop_corners
-from prep.lifeline import become_worker, signals_left_to_parent
+from prep.lifeline import become_worker, starting_workers
 
 
 class ShardSource:
@@ -41,7 +40,7 @@ class ShardSource:
 
     def __setstate__(self, state):
         """Unpickled in a worker started by 'spawn' (CUDA): it becomes a worker before any batch.
-        (Forked workers do so in ``workers_start_here``.)"""
+        (Forked workers do so in ``prep.lifeline.starting_workers``.)"""
         self.__dict__.update(state)
         if os.getpid() != self.parent_pid:
             become_worker(self.parent_pid)
@@ -135,30 +134,7 @@ def build_pipeline(source: ShardSource, spec: AugmentSpec, encoding: str, size: 
         return window(*window_params), label
 
     pipe = graph()
-    with signals_left_to_parent(), workers_start_here():  # forked workers leave group signals to us
+    with starting_workers():  # forked workers die with us and leave group signals to us
         pipe.start_py_workers()
     return pipe
 
-
-_forking_parent: list[int] = []  # set while DALI forks its workers: the pid they must die with
-
-
-@contextlib.contextmanager
-def workers_start_here():
-    """Processes forked inside the block become workers at once (``become_worker``), even one
-    that never gets a batch: a fork hook, registered once, acts only while the block runs."""
-    if not _forking_parent and not getattr(workers_start_here, "registered", False):
-        os.register_at_fork(after_in_child=_after_fork_in_child)
-        workers_start_here.registered = True
-    _forking_parent.append(os.getpid())
-    try:
-        yield
-    finally:
-        _forking_parent.pop()
-
-
-def _after_fork_in_child() -> None:
-    if _forking_parent:
-        parent = _forking_parent[-1]
-        _forking_parent.clear()
-        become_worker(parent)

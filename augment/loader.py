@@ -31,7 +31,7 @@ from augment.errors import AugmentError
 from augment.feed import BatchPlan, PlannedBatch
 from augment.spec import AugmentSpec
 from augment.torch_ops import augment_batch, ten_crop_batch
-from prep.lifeline import become_worker, signals_left_to_parent
+from prep.lifeline import starting_workers
 from prep.shards import open_shards
 
 BACKENDS = ("dali", "torch")
@@ -226,10 +226,9 @@ def start_torch_feed(loader: Loader, epoch: int, position: int):
         # Its own generator: a DataLoader draws a seed when it starts, which must not move the
         # global torch RNG (dropout), or a resumed run would draw other dropout masks.
         filler, sampler=range(2**62), batch_size=None, num_workers=loader.workers, generator=torch.Generator(),
-        prefetch_factor=ring.prefetch if loader.workers else None,
-        worker_init_fn=_WorkerStart(os.getpid()) if loader.workers else None)
+        prefetch_factor=ring.prefetch if loader.workers else None)
     try:
-        with signals_left_to_parent():
+        with starting_workers():
             iterator = iter(stream)  # forks the workers
     except BaseException:
         ring.release()
@@ -339,16 +338,6 @@ class _SlotFiller(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return 2**62
-
-
-class _WorkerStart:
-    """worker_init_fn: the worker dies with this process and leaves group signals to it."""
-
-    def __init__(self, parent_pid: int):
-        self.parent_pid = parent_pid
-
-    def __call__(self, worker_id: int) -> None:
-        become_worker(self.parent_pid)
 
 
 def stop_dali(pipe) -> None:

@@ -7,7 +7,7 @@ Two things go wrong with worker pools when a job is stopped from outside:
   watchdog thread polling the parent's pid elsewhere).
 - Ctrl-C and schedulers (SLURM, Kubernetes) signal every process of a job at once. A worker
   killed by that signal breaks its parent's stream of batches before the parent could stop in
-  order. ``signals_left_to_parent`` starts workers with SIGINT, SIGTERM and SIGUSR1 blocked:
+  order. ``starting_workers`` starts workers with SIGINT, SIGTERM and SIGUSR1 blocked:
   the parent hears them and stops its workers itself (they still die with it, and to SIGKILL).
 """
 
@@ -71,21 +71,39 @@ def _watch_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
+_forking_parent: list[int] = []  # set inside starting_workers(): the pid forked children must die with
+_fork_hook: list[bool] = []  # whether the fork hook is registered (once a process)
+
+
 @contextlib.contextmanager
-def signals_left_to_parent():
-    """Processes started inside this block begin with GROUP_SIGNALS blocked (the signal
-    mask survives fork and exec), so a signal sent to the whole process group stops only the
-    parent, which then closes them in order. The parent's own handlers are untouched: a signal
-    that arrives meanwhile stays pending and is handled on leaving the block."""
+def starting_workers():
+    """Start a pool's workers inside this block. Processes forked here become workers at once
+    (``become_worker``, through a fork hook registered once that acts only inside the block),
+    even one that never gets a task; and they begin with GROUP_SIGNALS blocked (the signal mask
+    survives fork), so a signal sent to the whole process group stops only this process, which
+    then closes them in order. Workers started by 'spawn' call ``become_worker`` themselves.
+    This process's own handlers are untouched: a signal that arrives meanwhile stays pending
+    and is handled on leaving the block."""
     prepare_workers()
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+    if not _fork_hook:
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _fork_hook.append(True)
+    main = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS) if main else None
+    _forking_parent.append(os.getpid())
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _forking_parent.pop()
+        if main:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _after_fork_in_child() -> None:
+    if _forking_parent:
+        parent = _forking_parent[-1]
+        _forking_parent.clear()  # this child's own children are not ours to mark
+        become_worker(parent)
 
 
 @contextlib.contextmanager

@@ -387,14 +387,15 @@ def test_a_full_disk_stops_training_with_one_line_and_keeps_the_last_checkpoint(
     assert (out / "last.pt").read_bytes() == before
 
 
-def test_dali_workers_die_with_a_killed_parent_even_before_their_first_batch(stats_shards, tmp_path):
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_loader_workers_die_with_a_killed_parent_even_before_their_first_batch(stats_shards, tmp_path, backend):
     # Eight workers and one batch taken: some workers have not run a batch yet when the
     # process is killed; they must not outlive it (holding its pipes, signals blocked).
     script = tmp_path / "one_batch.py"
     script.write_text(
         "import sys, time\n"
         "from augment import AugmentSpec, Loader\n"
-        f"loader = Loader({str(stats_shards)!r}, 'train', 2, AugmentSpec(), backend='dali', device='cpu', workers=8)\n"
+        f"loader = Loader({str(stats_shards)!r}, 'train', 2, AugmentSpec(), backend={backend!r}, device='cpu', workers=8)\n"
         "next(iter(loader))\n"
         "print('ready', flush=True)\n"
         "time.sleep(600)\n")

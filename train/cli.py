@@ -140,16 +140,18 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, **options):
     --resume OUT then ends with the weights of an uninterrupted run. Ctrl-C stops at once
     (exit 130), keeping the last checkpoint.
     """
+    from train.checkpoint import LAST, load_checkpoint
     from train.config import PRESETS, TrainConfig
 
+    state = load_checkpoint(resume / LAST) if resume else None  # read once: it may weigh hundreds of MB
     if resume and not (gpus or nproc):  # as many processes as the run had, unless told otherwise
-        nproc, gpus = resumed_processes(resume, device)
+        nproc, gpus = resumed_processes(state, device)
     device, processes = resolve_processes(device, gpus, nproc)
     given = {k: v for k, v in options.items() if v is not None}
     if compile_ is not None:
         given["compile"] = compile_
     if resume:
-        config = resumed_config(resume, given, shards, out).with_(device=device)
+        config = resumed_config(resume, state, given, shards, out).with_(device=device)
     else:
         values = {**PRESETS[preset](), **given, "device": device}
         # The paper's N(0, 0.01) initialisation expects its mean-subtracted 0-255 inputs: with
@@ -175,24 +177,20 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, **options):
         raise SystemExit(PREEMPTED_EXIT)
 
 
-def resumed_processes(folder: Path, device) -> tuple[int | None, int | None]:
-    """(--nproc, --gpus) that give the world size ``folder``'s run was trained with."""
-    from train.checkpoint import LAST, load_checkpoint
+def resumed_processes(state: dict, device) -> tuple[int | None, int | None]:
+    """(--nproc, --gpus) that give the world size the checkpointed run was trained with."""
     from train.dist import under_launcher
 
     if under_launcher():
         return None, None
-    state = load_checkpoint(folder / LAST)
     processes = int(state["world_size"])
     on_gpus = (device or state["config"]["device"]) == "cuda"
     return (None, processes) if on_gpus else (processes, None)
 
 
-def resumed_config(folder: Path, given: dict, shards, out):
-    from train.checkpoint import LAST, load_checkpoint
+def resumed_config(folder: Path, state: dict, given: dict, shards, out):
     from train.config import TrainConfig
 
-    state = load_checkpoint(folder / LAST)
     if shards or out or set(given) - set(RESUMABLE_CHANGES):
         changed = sorted(set(given) - set(RESUMABLE_CHANGES)) + (["shards"] if shards else []) + (["out"] if out else [])
         allowed = ", ".join("--" + c.replace("_", "-") for c in RESUMABLE_CHANGES)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from prep.atomic import atomic_write_text
 from prep.errors import PrepError
 
 
@@ -126,9 +127,7 @@ _launch_over: set = set()  # report folders whose launch has returned (their wat
 def _pass_on(reports: str, number, frame) -> None:
     """Send the signal this launcher received to every rank. A rank that has not written its
     pid yet finds the "stop" file instead (written first, read by ``_report`` after its pid)."""
-    with open(os.path.join(reports, "stop.tmp"), "w") as f:
-        f.write(signal.Signals(number).name)
-    os.replace(os.path.join(reports, "stop.tmp"), os.path.join(reports, "stop"))
+    atomic_write_text(os.path.join(reports, "stop"), signal.Signals(number).name)
     _signal_ranks(reports, number)
 
 
@@ -201,17 +200,13 @@ def _report(entrypoint, args: tuple, reports: str, launcher_pid: int):
         signal.signal(number, _note_early_stop)
     rank = int(os.environ["RANK"])
     path = os.path.join(reports, f"rank-{rank}.json")
-    with open(os.path.join(reports, f"rank-{rank}.pid.tmp"), "w") as f:
-        f.write(str(os.getpid()))
-    os.replace(os.path.join(reports, f"rank-{rank}.pid.tmp"), os.path.join(reports, f"rank-{rank}.pid"))
+    atomic_write_text(os.path.join(reports, f"rank-{rank}.pid"), str(os.getpid()))
     if os.path.exists(os.path.join(reports, "stop")):  # signalled before our pid was there to see
         with open(os.path.join(reports, "stop")) as f:
             _note_early_stop(signal.Signals[f.read().strip()], None)
 
     def leave(record: dict, code: int):
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(path, json.dumps(record))
         if code:
             raise SystemExit(code)
 
@@ -241,10 +236,9 @@ def _outcome(reports: str, nproc: int, died: dict):
         if os.path.isfile(path):
             with open(path) as f:
                 records[rank] = json.load(f)
-    prefix = (lambda rank: "" if nproc == 1 else f"rank {rank}: ")
     for rank, record in sorted(records.items()):
         if "error" in record:
-            raise RankError(prefix(rank) + record["error"])
+            raise RankError(f"rank {rank}: {record['error']}")
     for rank, signal_name in sorted(died.items()):
         hint = " (out of memory?)" if signal_name == "SIGKILL" else ""
         raise RankError(f"rank {rank} was killed by {signal_name}{hint}")
