@@ -1,52 +1,31 @@
-"""Find the images of a source dataset and their labels.
-
-Layouts understood (SRC is the folder given to ``imgprep shard``); the ILSVRC-2012 archives
-(``prep.archives``) and Kaggle's ``SRC/ILSVRC/Data/CLS-LOC`` folder with
-``SRC/LOC_val_solution.csv`` are recognised too::
+"""Extracted trees: a folder per class, and Kaggle's ILSVRC layout.
 
     SRC/train/<wnid>/<image>          one folder per class; the class list comes from here
     SRC/val/<wnid>/<image>            the same layout for validation, or
     SRC/val/<image> + --val-labels F  a flat folder with a file of "filename wnid" lines (or CSV)
     SRC/LOC_synset_mapping.txt        optional "wnid name" lines (also synset_words.txt, words.txt)
 
-Class indices follow the sorted folder names of ``train/`` (for ImageNet: sorted WordNet ids,
-index 0 = n01440764, the torchvision convention). Nothing here opens an image: files whose
-extension is not an image's, or that sit outside a class folder, become rejects, and so do
+Kaggle's download is the same tree under ``SRC/ILSVRC/Data/CLS-LOC`` with the validation labels
+in ``SRC/LOC_val_solution.csv``.
+
+Class indices follow the sorted folder names of ``train/``. Nothing here opens an image: files
+whose extension is not an image's, or that sit outside a class folder, become rejects, and so do
 names that are not UTF-8 (keys are UTF-8 text) and links that loop or lead to a folder.
 """
 
 from __future__ import annotations
 
-import csv
 import errno
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from prep.errors import BadImage, SourceError
+from prep.sources.common import (Dataset, Reject, file_too_large, is_image_name, is_utf8, label_flat_files,
+                                 make_classes, not_an_image, printable, read_class_names, read_val_labels)
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-)
-NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "words.txt")
-MAX_CLASSES = 32767  # labels are stored as int16
-SPLITS = ("train", "val")
 NOT_REGULAR = "not a regular file (device, pipe, socket or broken link)"
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    index: int
-    wnid: str
-    name: str
-
-
-@dataclass(frozen=True)
-class Reject:
-    split: str
-    path: str  # relative to the source root, '/'-separated
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -72,39 +51,17 @@ class TreeReader:
             return data
 
 
-def file_too_large(size: int, max_bytes: int) -> str:
-    return f"file too large: {size:,} bytes, over the cap of {max_bytes:,}"
+def is_kaggle(root: Path) -> bool:
+    return (root / "ILSVRC" / "Data" / "CLS-LOC" / "train").is_dir()
 
 
-@dataclass(frozen=True)
-class Dataset:
-    """What a source holds: classes, and per split the (key, label) pairs sorted by key."""
-
-    root: str
-    classes: tuple[ClassInfo, ...]
-    splits: dict[str, tuple[tuple[str, int], ...]]
-    rejects: tuple[Reject, ...] = field(default=())
-    reader: TreeReader | None = None
-
-    @property
-    def wnid_to_index(self) -> dict[str, int]:
-        return {c.wnid: c.index for c in self.classes}
-
-
-def scan_source(root: str | os.PathLike, val_labels: str | os.PathLike | None = None) -> Dataset:
-    """Any layout we know: the ILSVRC-2012 archives, Kaggle's ILSVRC folder, or a plain tree."""
-    root = Path(root).expanduser()
-    from prep.archives import is_ilsvrc_archive, scan_archives
-
-    if is_ilsvrc_archive(root):
-        return scan_archives(root, val_labels)
-    kaggle = root / "ILSVRC" / "Data" / "CLS-LOC"
-    if (kaggle / "train").is_dir():
-        solution = root / "LOC_val_solution.csv"
-        if val_labels is None and solution.is_file() and (kaggle / "val").is_dir():
-            val_labels = solution
-        return scan_tree(kaggle, val_labels, names_root=root)
-    return scan_tree(root, val_labels)
+def scan_kaggle(root: Path, val_labels=None) -> Dataset:
+    """Kaggle's ILSVRC folder: the tree under ILSVRC/Data/CLS-LOC, labels beside it."""
+    tree = root / "ILSVRC" / "Data" / "CLS-LOC"
+    solution = root / "LOC_val_solution.csv"
+    if val_labels is None and solution.is_file() and (tree / "val").is_dir():
+        val_labels = solution
+    return scan_tree(tree, val_labels, names_root=root)
 
 
 def scan_tree(root: str | os.PathLike, val_labels: str | os.PathLike | None = None,
@@ -122,13 +79,9 @@ def scan_tree(root: str | os.PathLike, val_labels: str | os.PathLike | None = No
         raise SourceError(f"{root} has no train/ folder (expected {root}/train/<class>/<images>)")
     rejects: list[Reject] = []
     train_folders = _class_folders(train_dir, "train", rejects)
-    wnids = sorted(train_folders)
-    if not wnids:
+    if not train_folders:
         raise SourceError(f"{train_dir} has no class folders (expected {train_dir}/<class>/<images>)")
-    if len(wnids) > MAX_CLASSES:
-        raise SourceError(f"{train_dir} has {len(wnids)} classes; at most {MAX_CLASSES} fit int16 labels")
-    names = read_class_names(Path(names_root) if names_root else root)
-    classes = tuple(ClassInfo(i, w, names.get(w, "")) for i, w in enumerate(wnids))
+    classes = make_classes(train_folders, read_class_names(Path(names_root) if names_root else root), train_dir)
     index = {c.wnid: c.index for c in classes}
 
     splits = {"train": _scan_class_folders(root, "train", train_folders, index, rejects)}
@@ -139,7 +92,7 @@ def scan_tree(root: str | os.PathLike, val_labels: str | os.PathLike | None = No
         entries = _list_folder(val_dir)
         if val_labels is not None:
             labels = read_val_labels(val_labels)
-            splits["val"] = _scan_flat_folder(root, "val", labels, index, rejects)
+            splits["val"] = _scan_flat_folder(root, "val", labels, classes, rejects)
         elif any(_kind(entry)[0] in ("folder", "folder link") for entry in entries):
             splits["val"] = _scan_class_folders(root, "val", _class_folders(val_dir, "val", rejects), index, rejects)
         elif any(is_image_name(entry.name) for entry in entries):
@@ -150,104 +103,6 @@ def scan_tree(root: str | os.PathLike, val_labels: str | os.PathLike | None = No
     if not any(splits.values()):
         raise SourceError(f"no image files found under {root}")
     return Dataset(str(root), classes, splits, tuple(rejects), TreeReader(str(root)))
-
-
-def read_class_names(root: Path) -> dict[str, str]:
-    """wnid -> human-readable name from the first synset file found in ``root``."""
-    for name in NAME_FILES:
-        path = root / name
-        if path.is_file():
-            names = {}
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-                parts = line.strip().split(None, 1)
-                if parts:
-                    names[parts[0]] = parts[1].strip() if len(parts) > 1 else ""
-            return names
-    return {}
-
-
-class ValLabels(dict):
-    """File name (with and without extension) -> wnid, from a validation labels file.
-
-    ``conflicts`` maps each name the file gives two or more different wnids to those wnids:
-    such a file has no trustworthy label, and taking the last line would hide the mistake.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.conflicts: dict[str, tuple[str, ...]] = {}
-
-    def lookup(self, name: str) -> tuple[str | None, str | None]:
-        """(wnid or None when unlabelled, None) or (None, why the labels conflict)."""
-        for candidate in (name, os.path.splitext(name)[0]):
-            if candidate in self.conflicts:
-                wnids = " and ".join(self.conflicts[candidate])
-                return None, f"conflicting labels for this file in the validation labels: {wnids}"
-            if candidate in self:
-                return self[candidate], None
-        return None, None
-
-
-def read_val_labels(path: str | os.PathLike) -> ValLabels:
-    """Map validation file name (with and without extension) -> wnid.
-
-    Accepts whitespace-separated ``filename wnid`` lines or a CSV whose first two columns are
-    the file name and a field starting with the wnid (Kaggle's ``LOC_val_solution.csv`` puts
-    boxes after it). A header line does no harm: no image is named like its first field.
-    The same line twice is harmless; one name with two different wnids goes to ``conflicts``.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise SourceError(f"validation labels file {path} does not exist")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    rows = csv.reader(text.splitlines()) if "," in text.split("\n", 1)[0] else (
-        line.split() for line in text.splitlines()
-    )
-    given: dict[str, list[str]] = {}  # file name -> its distinct wnids, in file order
-    for row in rows:
-        if len(row) < 2 or not row[1].split():
-            continue
-        wnids = given.setdefault(row[0].strip(), [])
-        if row[1].split()[0] not in wnids:
-            wnids.append(row[1].split()[0])
-    if not given:
-        raise SourceError(f"{path} has no 'filename wnid' lines")
-    labels = ValLabels()
-    for filename, wnids in given.items():
-        if len(wnids) > 1:
-            labels.conflicts[filename] = tuple(wnids)
-        else:
-            labels[filename] = wnids[0]
-    for filename, wnids in given.items():  # then names without extension, never over one given as such
-        stem = os.path.splitext(filename)[0]
-        if len(wnids) == 1 and stem not in given:
-            labels.setdefault(stem, wnids[0])
-    return labels
-
-
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def is_utf8(name: str) -> bool:
-    """False for a name holding bytes that are not UTF-8 (Python keeps them as lone surrogates):
-    keys are UTF-8 strings in the shards, in the plan's hashes and in rejects.jsonl."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def printable(name: str) -> str:
-    """``name`` as valid UTF-8 text for keys and reasons: a byte that is not UTF-8 is written as a
-    backslash escape, so the name b"bad\\xff.JPEG" reads bad\\xff.JPEG."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _extension_reason(name: str) -> str:
-    ext = os.path.splitext(name)[1]
-    return f"not an image file (extension '{ext}')" if ext else "not an image file (no extension)"
 
 
 def _name_reason(kind: str) -> str:
@@ -349,7 +204,7 @@ def _scan_class_folders(root: Path, split: str, folders: dict[str, Path], index:
         label = index.get(name)
         for key in _walk_files(folder, root, split, rejects):
             if not is_image_name(key):
-                rejects.append(Reject(split, key, _extension_reason(key)))
+                rejects.append(Reject(split, key, not_an_image(key)))
             elif label is None:
                 rejects.append(Reject(split, key, f"class folder '{name}' is not in train/"))
             else:
@@ -357,18 +212,11 @@ def _scan_class_folders(root: Path, split: str, folders: dict[str, Path], index:
     return tuple(items)
 
 
-def _scan_flat_folder(root, split, labels: ValLabels, index: dict[str, int], rejects):
-    items = []
+def _scan_flat_folder(root, split, labels, classes, rejects):
+    found = {}
     for key in _walk_files(root / split, root, split, rejects):
-        wnid, conflict = labels.lookup(key.split("/", 1)[1])
-        if not is_image_name(key):
-            rejects.append(Reject(split, key, _extension_reason(key)))
-        elif conflict:
-            rejects.append(Reject(split, key, conflict))
-        elif wnid is None:
-            rejects.append(Reject(split, key, "no label for this file in the validation labels"))
-        elif wnid not in index:
-            rejects.append(Reject(split, key, f"label '{wnid}' is not a class in train/"))
+        if is_image_name(key):
+            found[key] = labels.lookup(key.split("/", 1)[1])
         else:
-            items.append((key, index[wnid]))
-    return tuple(items)
+            rejects.append(Reject(split, key, not_an_image(key)))
+    return label_flat_files(split, found, classes, rejects, "the validation labels", "in train/")

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from prep.errors import BadImage, SourceError
-from prep.sources import (MAX_CLASSES, ClassInfo, Dataset, Reject, file_too_large, is_image_name, is_utf8, printable,
-                          read_class_names, read_val_labels)
+from prep.sources.common import (Dataset, Reject, file_too_large, is_image_name, is_utf8, label_flat_files,
+                                 make_classes, not_an_image, printable, read_class_names, read_val_labels)
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -94,20 +94,16 @@ def scan_archives(root: Path, val_labels=None) -> Dataset:
                 _index_class_tar(f, member, index, rejects, items_by_wnid)
         except tarfile.TarError as error:
             raise SourceError(f"{root / TRAIN_TAR} is not a readable tar: {error}") from None
-    wnids = sorted(items_by_wnid)
-    if not wnids:
+    if not items_by_wnid:
         raise SourceError(f"{root / TRAIN_TAR} holds no per-class tars (expected n01440764.tar ...)")
-    if len(wnids) > MAX_CLASSES:
-        raise SourceError(f"{root / TRAIN_TAR} has {len(wnids)} classes; at most {MAX_CLASSES} fit int16 labels")
     devkit = _read_devkit(root)
-    names = devkit["names"] if devkit else read_class_names(root)
-    classes = tuple(ClassInfo(i, w, names.get(w, "")) for i, w in enumerate(wnids))
+    classes = make_classes(items_by_wnid, devkit["names"] if devkit else read_class_names(root), root / TRAIN_TAR)
     label_of = {c.wnid: c.index for c in classes}
     splits = {"train": tuple(sorted((key, label_of[w]) for w, keys in items_by_wnid.items() for key in keys))}
     archives = {"train": str(root / TRAIN_TAR)}
     if (root / VAL_TAR).is_file():
         archives["val"] = str(root / VAL_TAR)
-        splits["val"] = _scan_val(root, val_labels, devkit, label_of, index, rejects)
+        splits["val"] = _scan_val(root, val_labels, devkit, classes, index, rejects)
     return Dataset(str(root), classes, splits, tuple(rejects), ArchiveReader(archives, index))
 
 
@@ -171,11 +167,11 @@ def _member_problem(member) -> str | None:
     if path.suffix.lower() == ".tar":
         return "a nested archive inside a per-class tar; not read"
     if not is_image_name(member.name):
-        return f"not an image file (extension '{path.suffix}')" if path.suffix else "not an image file (no extension)"
+        return not_an_image(member.name)
     return None
 
 
-def _scan_val(root, val_labels, devkit, label_of, index, rejects) -> tuple:
+def _scan_val(root, val_labels, devkit, classes, index, rejects) -> tuple:
     """The flat validation archive, labelled by --val-labels or by the devkit."""
     members = []
     with open(root / VAL_TAR, "rb") as f:
@@ -203,18 +199,9 @@ def _scan_val(root, val_labels, devkit, label_of, index, rejects) -> tuple:
     else:
         raise SourceError(f"{root / VAL_TAR} holds a flat validation set without labels: add {DEVKIT} to {root}, "
                           "or give --val-labels FILE")
-    items = []
-    for member in members:
-        key, (wnid, conflict) = f"val/{member}", found[member]
-        if conflict:
-            rejects.append(Reject("val", key, conflict))
-        elif wnid is None:
-            rejects.append(Reject("val", key, "no label for this file"))
-        elif wnid not in label_of:
-            rejects.append(Reject("val", key, f"label '{wnid}' is not a class of the training archive"))
-        else:
-            items.append((key, label_of[wnid]))
-    return tuple(items)
+    source = "the validation labels" if val_labels is not None else "the devkit"
+    return label_flat_files("val", {f"val/{m}": found[m] for m in members}, classes, rejects, source,
+                            "of the training archive")
 
 
 def _read_devkit(root: Path) -> dict | None:

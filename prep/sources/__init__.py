@@ -1,0 +1,33 @@
+"""Find the images of a source dataset and their labels, whatever its layout.
+
+Each layout is one module with a ``detect(root) -> bool`` test and a ``scan(root, val_labels)``
+that returns a ``Dataset`` without opening an image (``prep.sources.common``). ``scan_source``
+tries them in the order of ``LAYOUTS``; a folder that matches none is read as a plain tree,
+whose scan says what it expected. A new layout is a module and a line here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prep.sources import ilsvrc, tree
+from prep.sources.common import SPLITS, ClassInfo, Dataset, Reject, read_val_labels
+from prep.sources.tree import TreeReader, scan_tree
+
+# (name, detect, scan): the first layout whose detect() holds is read
+LAYOUTS = (
+    ("ILSVRC-2012 archives", ilsvrc.is_ilsvrc_archive, ilsvrc.scan_archives),
+    ("Kaggle ILSVRC folder", tree.is_kaggle, tree.scan_kaggle),
+)
+
+__all__ = ["SPLITS", "ClassInfo", "Dataset", "Reject", "TreeReader", "read_val_labels", "scan_source", "scan_tree"]
+
+
+def scan_source(root: str | os.PathLike, val_labels: str | os.PathLike | None = None) -> Dataset:
+    """The dataset at ``root`` in whichever layout it has (see ``LAYOUTS``), else a plain tree."""
+    root = Path(root).expanduser()
+    for _, detect, scan in LAYOUTS:
+        if detect(root):
+            return scan(root, val_labels)
+    return scan_tree(root, val_labels)
