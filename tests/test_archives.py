@@ -1,49 +1,16 @@
 """Sharding straight from ILSVRC-2012-style archives and from Kaggle's layout."""
 
 import hashlib
-import io
 import json
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-import scipy.io
 
-from conftest import run_cli
-from tools.fake_imagenet import WNIDS, make_fake_imagenet
-
-
-def add_file(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    archive.addfile(info, io.BytesIO(data))
-
-
-def tar_bytes(files: dict) -> bytes:
-    """A tar of name -> bytes (a regular file) or name -> TarInfo (a member without data)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in files.items():
-            archive.addfile(data) if isinstance(data, tarfile.TarInfo) else add_file(archive, name, data)
-    return buffer.getvalue()
-
-
-def write_devkit(path: Path, wnids: list[str], val_wnids: list[str], ids: dict) -> None:
-    """A devkit tar.gz whose meta.mat is written by scipy, as the real one is read."""
-    synsets = np.zeros(len(wnids) + 2, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"),
-                                              ("num_children", "O"), ("wordnet_height", "O"), ("num_train_images", "O")])
-    names = dict(WNIDS)
-    for row, wnid in enumerate(wnids):
-        synsets[row] = (ids[wnid], wnid, names[wnid], "a gloss", 0, 0, 10)
-    synsets[len(wnids)] = (len(wnids) + 1, "n00001740", "entity", "the root", 2, 18, 0)  # not a leaf: ignored
-    synsets[len(wnids) + 1] = (len(wnids) + 2, "n00002137", "abstraction", "", 5, 17, 0)
-    meta = io.BytesIO()
-    scipy.io.savemat(meta, {"synsets": synsets})
-    truth = "".join(f"{ids[w]}\n" for w in val_wnids).encode()
-    with tarfile.open(path, "w:gz") as devkit:
-        add_file(devkit, "ILSVRC2012_devkit_t12/data/meta.mat", meta.getvalue())
-        add_file(devkit, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", truth)
+from helpers import run_cli
+from tools.fake_imagenet import make_fake_imagenet
+from tools.source_layouts import add_file, tar_bytes
+from tools.source_layouts import ilsvrc_archives as make_archives
 
 
 @pytest.fixture(scope="module")
@@ -51,27 +18,6 @@ def tree(tmp_path_factory):
     """An extracted tree: 3 classes, flat val with a labels file."""
     return make_fake_imagenet(tmp_path_factory.mktemp("tree") / "src", classes=3, train_per_class=6,
                               val_per_class=3, flat_val=True, awkward=False, large_fraction=0)
-
-
-def make_archives(tree: Path, root: Path, extra_train=None, extra_class=None, devkit=True) -> Path:
-    """The ILSVRC archives of ``tree``; the devkit's ids run in reverse wnid order."""
-    root.mkdir(parents=True)
-    wnids = sorted(p.name for p in (tree / "train").iterdir() if p.is_dir())
-    outer = {}
-    for wnid in wnids:
-        files = {p.name: p.read_bytes() for p in sorted((tree / "train" / wnid).iterdir())}
-        if wnid == wnids[0] and extra_class:
-            files.update(extra_class)
-        outer[f"{wnid}.tar"] = tar_bytes(files)
-    outer.update(extra_train or {})
-    (root / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes(outer))
-    val = sorted((tree / "val").iterdir())
-    (root / "ILSVRC2012_img_val.tar").write_bytes(tar_bytes({p.name: p.read_bytes() for p in val}))
-    if devkit:
-        labels = dict(line.split() for line in (tree / "val_labels.txt").read_text().splitlines())
-        ids = {w: len(wnids) - i for i, w in enumerate(wnids)}  # n01440764 -> 3: not the sorted index
-        write_devkit(root / "ILSVRC2012_devkit_t12.tar.gz", wnids, [labels[p.name] for p in val], ids)
-    return root
 
 
 def shard_hashes(root: Path) -> dict:

@@ -136,7 +136,7 @@ def test_dali_matches_torch(stats_shards, mode, normalize, dtype, layout):
 
 @needs_dali
 def test_dali_jpeg_shards_decode_on_cpu(fake_src, tmp_path):
-    from conftest import run_cli
+    from helpers import run_cli
 
     out = tmp_path / "jpeg"
     run_cli(["shard", str(fake_src), "--out", str(out), "--encoding", "jpeg", "--quiet"])
@@ -273,7 +273,7 @@ def test_cuda_matches_cpu(stats_shards, backend):
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and dali_available()), reason="needs a CUDA GPU and DALI")
 def test_cuda_jpeg_shards_use_the_mixed_decoder(fake_src, tmp_path):
-    from conftest import run_cli
+    from helpers import run_cli
 
     out = tmp_path / "jpeg"
     run_cli(["shard", str(fake_src), "--out", str(out), "--encoding", "jpeg", "--quiet"])
@@ -287,7 +287,7 @@ def test_cuda_jpeg_shards_use_the_mixed_decoder(fake_src, tmp_path):
 def test_preview_draws_the_grid(stats_shards, tmp_path):
     from PIL import Image
 
-    from conftest import run_cli
+    from helpers import run_cli
 
     result = run_cli(["preview", str(stats_shards), "--out", str(tmp_path / "p.png"), "--images", "3", "--versions", "4"])
     assert result.exit_code == 0, result.output
@@ -298,7 +298,7 @@ def test_preview_draws_the_grid(stats_shards, tmp_path):
 
 
 def test_preview_without_stats_says_what_to_run(fresh_copy, tmp_path):
-    from conftest import run_cli
+    from helpers import run_cli
 
     result = run_cli(["preview", str(fresh_copy), "--out", str(tmp_path / "p.png")])
     assert result.exit_code == 1 and "run 'imgprep pca-stats" in result.output

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import pil_reference, psnr
+from helpers import pil_reference, psnr
 from prep.decode import decode_resize, output_geometry
 from prep.errors import BadImage
 from tools.fake_imagenet import awkward_files, class_image, jpeg_bytes

@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import assert_group_ends, run_cli, run_command
+from helpers import assert_group_ends, run_cli, run_command
 from tools.fake_imagenet import make_fake_imagenet
 
 pytestmark = pytest.mark.timeout(600)

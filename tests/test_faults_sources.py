@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from helpers import run_cli
 from prep.build import max_file_bytes
 from prep.decode import decode_resize
 from prep.errors import BadImage, SourceError
 from prep.plan import ShardOptions
 from prep.sources import TreeReader, scan_source, scan_tree
-from test_archives import add_file, make_archives
+from tools.source_layouts import add_file
+from tools.source_layouts import ilsvrc_archives as make_archives
 from tools.fake_imagenet import make_fake_imagenet
 
 FIRST = "n01440764"

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from augment.loader import dali_available
-from conftest import assert_group_ends, living_members, run_command
+from helpers import assert_group_ends, living_members, run_command
 
 pytestmark = [pytest.mark.skipif(not dali_available(), reason="the default backend needs DALI"),
               pytest.mark.timeout(600)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from tools.fake_imagenet import make_fake_imagenet
 
 ray = pytest.importorskip("ray")

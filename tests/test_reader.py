@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import pil_reference, psnr
+from helpers import pil_reference, psnr
 from prep.errors import ShardFormatError
 from prep.shards import open_shards
 
@@ -100,7 +100,7 @@ def test_a_jpeg_of_the_wrong_size_is_an_error_not_a_bad_read(fake_src, tmp_path)
 
     from PIL import Image
 
-    from conftest import run_cli
+    from helpers import run_cli
 
     out = tmp_path / "jpeg"
     run_cli(["shard", str(fake_src), "--out", str(out), "--encoding", "jpeg", "--quiet"])

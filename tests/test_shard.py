@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from tools.fake_imagenet import AWKWARD, make_fake_imagenet
 
 FIRST = "train/n01440764"
@@ -87,7 +87,7 @@ def test_same_input_same_bytes_whatever_the_worker_count(shards, fake_src, tmp_p
 
 
 def test_jpeg_encoding(fake_src, tmp_path):
-    from conftest import psnr
+    from helpers import psnr
     from prep.shards import open_shards
 
     out = tmp_path / "jpeg"

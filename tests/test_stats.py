@@ -8,7 +8,7 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from conftest import run_cli
+from helpers import run_cli
 from prep.errors import ShardFormatError
 from prep.stats import StaleStatsError, compute_stats, load_stats
 

@@ -107,7 +107,7 @@ def test_random_resized_crops_and_eval_with_a_batch_larger_than_the_training_spl
 
 
 def test_a_run_without_validation_keeps_its_lowest_loss_as_best(tmp_path):
-    from conftest import run_cli as imgprep
+    from helpers import run_cli as imgprep
     from prep.stats import compute_stats
     from tools.fake_imagenet import make_fake_imagenet
 

@@ -27,6 +27,7 @@ from PIL import Image
 
 from tools.benchkit import report
 from tools.photo_corpus import corpus_files, make_corpus
+from tools.source_layouts import ilsvrc_archives
 
 SIZE = 256
 
@@ -104,25 +105,6 @@ def replicated_tree(corpus: Path, copies: int) -> Path:
     return root
 
 
-def archive_of(tree: Path) -> Path:
-    """The ILSVRC layout of a tree: ILSVRC2012_img_train.tar holding one tar per class."""
-    import io
-    import tarfile
-
-    root = Path(tempfile.mkdtemp(prefix="bench-archive-"))
-    with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:
-        for folder in sorted((tree / "train").iterdir()):
-            inner = io.BytesIO()
-            with tarfile.open(fileobj=inner, mode="w") as archive:
-                for path in sorted(folder.iterdir()):
-                    archive.add(path.resolve(), arcname=path.name)
-            info = tarfile.TarInfo(f"{folder.name}.tar")
-            info.size = inner.tell()
-            inner.seek(0)
-            outer.addfile(info, inner)
-    return root
-
-
 def shard_rate(source: Path, workers: int, shard_size: int, engine: str = "local") -> float:
     """img/s of the whole ``imgprep shard`` job on ``source`` (raw output, then deleted)."""
     from prep.job import run_shard_job
@@ -142,7 +124,7 @@ def job_rows(corpus: Path, workers: list[int], shard_size: int, copies: int, wit
     """Rows (workers, img/s, speed-up over 1 worker, efficiency) of the whole shard job from a
     tree; (tree img/s, archive img/s, Ray img/s or None) at the largest worker count."""
     tree = replicated_tree(corpus, copies)
-    archive = archive_of(tree)
+    archive = ilsvrc_archives(tree, Path(tempfile.mkdtemp(prefix="bench-archive-")))
     try:
         rows = [[n, shard_rate(tree, n, shard_size)] for n in workers]
         sources = (shard_rate(tree, max(workers), shard_size), shard_rate(archive, max(workers), shard_size),
