@@ -111,11 +111,12 @@ def shard(src, out, size, policy, encoding, quality, shard_size, seed, max_pixel
     from prep.job import run_shard_job
     from prep.lifeline import sigterm_as_interrupt
     from prep.plan import ShardOptions
+    from prep.pool import usable_cores
     from prep.sources import scan_source
 
     options = ShardOptions(size=size, policy=policy, encoding=encoding, quality=quality,
                            shard_size=shard_size, seed=seed, max_pixels=max_pixels)
-    workers = workers or available_cores()
+    workers = workers or usable_cores()
     settings = " ".join(f"{k}={v}" for k, v in options.as_dict().items())
     click.echo(f"imgprep shard {src} -> {out}  ({settings} " + (f"workers={workers})" if engine == "local"
                                                                   else f"engine=ray address={ray_address or 'local'})"))
@@ -155,10 +156,11 @@ def pca_stats(shards, split, workers, sample, seed, quiet):
     depend on --workers. stats.json records the sha256 of manifest.json, so readers notice
     when the shards have changed since. SHARDS defaults to $IMGPREP_SHARDS, else ./shards.
     """
+    from prep.pool import usable_cores
     from prep.stats import compute_stats
 
     root = resolve_shards(shards)
-    workers = workers or available_cores()
+    workers = workers or usable_cores()
     click.echo(f"imgprep pca-stats {root}  (split={split} workers={workers} "
                f"sample={sample or 'all'} seed={seed})")
     stats = compute_stats(root, split, workers, sample, seed, progress=not quiet)
@@ -283,12 +285,6 @@ def verify(shards):
     if problems:
         raise SystemExit(1)
     click.echo(f"ok: {len(entries)} shards, {human_bytes(total)}, all match {root / 'manifest.json'}")
-
-
-def available_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):  # the cores this process may use (containers, taskset)
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def human_bytes(n: float) -> str:

@@ -13,16 +13,12 @@ retried; a rerun after the driver dies completes only the missing shards, as loc
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
-import os
-import signal
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 
-from prep.atomic import release_inherited_locks
 from prep.build import build_shard
 from prep.errors import PrepError
-from prep.lifeline import die_with_parent, prepare_workers
+from prep.pool import WorkerDied, WorkerPool
 
 INTERRUPTED = "interrupted; finished shards are kept: rerun the same command to resume"
 
@@ -42,16 +38,9 @@ _progress_counter = None  # a shared integer in each worker process: images hand
 _reader = None  # the source's reader, handed to each worker once (an archive's holds a large index)
 
 
-def _init_worker(counter, reader, parent_pid: int) -> None:
+def _init_worker(counter, reader) -> None:
     global _progress_counter, _reader
     _progress_counter, _reader = counter, reader
-    # A parent killed outright must not leave workers behind holding the output folder's lock.
-    die_with_parent(parent_pid)
-    release_inherited_locks()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    # The parent turns SIGTERM into KeyboardInterrupt (a clean stop); a worker inherits that
-    # handler, but it must just end when the parent stops it (terminate()), mid-write or not.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     import torch
 
     torch.set_num_threads(1)  # one process per core already; threads would only fight
@@ -62,8 +51,7 @@ def _count_image() -> None:
         _progress_counter.value += 1
 
 
-def _run_task(args) -> dict:
-    task, out, options = args
+def _run_task(task, out, options) -> dict:
     return build_shard(task, _reader, out, options, on_image=_count_image)
 
 
@@ -76,35 +64,21 @@ def run_local(pending, reader, out, options, workers: int, bar_spec):
     if not pending:
         return
     counter = multiprocessing.Value("q", 0)
-    prepare_workers()
-    pool = ProcessPoolExecutor(max(1, min(workers, len(pending))), mp_context=multiprocessing.get_context(),
-                               initializer=_init_worker, initargs=(counter, reader, os.getpid()))
-    running = {pool.submit(_run_task, (task, out, options)): task for task in pending}  # forks the workers
-    bar = progress_bar(bar_spec)  # after the fork: tqdm starts a monitor thread
-    finished = False
-    try:
-        seen = 0
-        while running:
-            done, _ = wait(running, timeout=0.25, return_when=FIRST_COMPLETED)
-            seen = _advance(bar, counter.value, seen)
-            for future in done:
-                task = running.pop(future)
-                try:
-                    yield future.result()
-                except BrokenProcessPool:
-                    cause = "no space left on the disk?" if disk_nearly_full(out, options) else "out of memory?"
-                    raise PrepError(f"a worker process died while making {task.file} ({cause}); finished "
-                                    "shards are kept: rerun the same command to resume") from None
-        finished = True
-    except KeyboardInterrupt:
-        raise PrepError(INTERRUPTED) from None
-    finally:
-        bar.close()
-        # Workers ignore SIGINT and would finish their shard first: on an error stop them now
-        # (shutdown forgets them, and there is no public way to do this before Python 3.14).
-        for process in [] if finished else list((getattr(pool, "_processes", None) or {}).values()):
-            process.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)  # joins the workers: none keeps the folder lock
+    seen = [0]
+    with WorkerPool(workers, _init_worker, (counter, reader)) as pool:
+        try:
+            results = pool.run(functools.partial(_run_task, out=out, options=options), pending,
+                               poll=lambda: seen.__setitem__(0, _advance(bar, counter.value, seen[0])))
+            bar = progress_bar(bar_spec)  # after the fork: tqdm starts a monitor thread
+            with bar:
+                for _, record in results:
+                    yield record
+        except WorkerDied as death:
+            cause = "no space left on the disk?" if disk_nearly_full(out, options) else "out of memory?"
+            raise PrepError(f"a worker process died while making {' or '.join(t.file for t in death.tasks)} "
+                            f"({cause}); finished shards are kept: rerun the same command to resume") from None
+        except KeyboardInterrupt:
+            raise PrepError(INTERRUPTED) from None
 
 
 def disk_nearly_full(out, options) -> bool:

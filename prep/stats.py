@@ -29,10 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
 from pathlib import Path
 
@@ -40,6 +37,7 @@ import numpy as np
 
 from prep.atomic import atomic_path, atomic_write_text, locked_folder, no_space
 from prep.errors import OutputError, PrepError, ShardFormatError
+from prep.pool import WorkerDied, WorkerPool
 from prep.shards import MANIFEST, MEAN_IMAGE, STATS, ShardFile, open_shards, read_manifest
 
 STATS_FORMAT = "imgprep-stats"
@@ -94,6 +92,10 @@ def shard_sums(path: Path, split: str, encoding: str, size: int, indices=None) -
     finally:
         shard.close()
     return len(chosen), totals.reshape(size, size, 3), moments
+
+
+def _shard_sums(task) -> tuple:
+    return shard_sums(*task)
 
 
 def finish(images: int, position_sums: np.ndarray, moments: list[int]) -> dict:
@@ -166,17 +168,18 @@ def _compute_stats(root: Path, split: str, workers: int, sample, seed: int, prog
     accumulate(warm_up, np.zeros(1, np.int64), 3, np.zeros(3, np.uint32), np.zeros(6, np.uint64))
     images, position_sums, moments = 0, 0, [0] * 6
     planned = sum(len(t[4]) if t[4] is not None else c for t, c in zip(tasks, counts))
-    with ProcessPoolExecutor(max(1, min(workers, len(tasks))), mp_context=multiprocessing.get_context()) as pool:
-        futures = [pool.submit(shard_sums, *task) for task in tasks]  # forks before tqdm's thread starts
+    with WorkerPool(workers) as pool:
+        results = pool.run(_shard_sums, tasks)  # forks before tqdm's thread starts
         with tqdm(total=planned, unit="img", desc="pca-stats", disable=not progress, dynamic_ncols=True) as bar:
             try:
-                for future in as_completed(futures):
-                    n, sums, part = future.result()
+                for _, (n, sums, part) in results:
                     images, position_sums = images + n, position_sums + sums
                     moments = [a + b for a, b in zip(moments, part)]
                     bar.update(n)
-            except BrokenProcessPool:
-                raise PrepError("a pca-stats worker process died (out of memory?); nothing was written") from None
+            except WorkerDied as death:
+                files = " or ".join(str(task[0]) for task in death.tasks)
+                raise PrepError(f"a pca-stats worker process died while reading {files} (out of memory?); "
+                                "nothing was written") from None
     stats = finish(images, position_sums, moments)
     mean_image = stats.pop("mean_image")
     buffer = io.BytesIO()

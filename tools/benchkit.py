@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 from pathlib import Path
 
@@ -15,6 +14,8 @@ def machine() -> str:
     import torch
     from PIL import Image
 
+    from prep.pool import usable_cores
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -23,7 +24,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     return (f"{cpu}, {cores} cores, Python {platform.python_version()}, Pillow {Image.__version__}, "
             f"simplejpeg {simplejpeg.__version__}, torch {torch.__version__}")
 

@@ -1,0 +1,152 @@
+"""The process pool of the CPU stages (``imgprep shard``, ``imgprep pca-stats``).
+
+One pool, so every stage gets the same behaviour from its workers:
+- they die with the parent however it ends, and close their copies of the folder lock;
+- Ctrl-C is the parent's: workers ignore SIGINT, and the parent ends them (SIGTERM) when it
+  stops early, instead of letting each finish its task first;
+- a worker that dies (killed for memory, a crash in a native library) breaks the pool; the
+  error names the task that worker was running, which the executor itself cannot tell.
+
+To know who ran what, each worker owns a row of a shared table: (its pid, 1 + the number of the
+task it is running or 0, 1 once it was told to stop). When the pool breaks, the executor stops
+the other workers with SIGTERM, which each notes in its row before it ends; once they are all
+gone, the worker that died is the one mid-task that was never told to stop.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+
+from prep.atomic import release_inherited_locks
+from prep.lifeline import die_with_parent, prepare_workers
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (containers and taskset restrict them), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+class WorkerDied(Exception):
+    """A worker process died; ``tasks`` are those it may have been running (one when known)."""
+
+    def __init__(self, tasks: list):
+        super().__init__(f"a worker process died while running {len(tasks)} candidate task(s)")
+        self.tasks = tasks
+
+
+_table = None  # in a worker: the shared table of (pid, task, stopped) rows
+_row = -1  # in a worker: its row of the table
+COLUMNS = 3
+
+
+def _note_stop(number, frame) -> None:
+    """SIGTERM in a worker: note it, then end as SIGTERM ends a process."""
+    _table[COLUMNS * _row + 2] = 1
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _start_worker(table, rows, parent_pid: int, initializer, initargs) -> None:
+    global _table, _row
+    die_with_parent(parent_pid)
+    release_inherited_locks()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    with rows.get_lock():
+        _row, rows.value = rows.value, rows.value + 1
+    _table = table
+    table[COLUMNS * _row] = os.getpid()
+    # The parent may turn SIGTERM into KeyboardInterrupt (a clean stop); a worker inherits that
+    # handler, but must simply end when the parent stops it (terminate()), mid-write or not.
+    signal.signal(signal.SIGTERM, _note_stop)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def _run(function, number: int, task):
+    _table[COLUMNS * _row + 1] = number + 1
+    result = function(task)
+    _table[COLUMNS * _row + 1] = 0
+    return result
+
+
+class WorkerPool:
+    """``with WorkerPool(workers) as pool: for task, result in pool.run(function, tasks): ...``
+
+    ``run`` forks the workers before it returns its iterator: start anything that runs a thread
+    (a tqdm bar) after calling it, since a fork copies no thread but may copy a held lock.
+    Leaving the block early (an error, Ctrl-C) ends the workers at once; either way every worker
+    has been joined when the block is left.
+    """
+
+    def __init__(self, workers: int, initializer=None, initargs=()):
+        self.workers, self.initializer, self.initargs = max(1, workers), initializer, initargs
+        self.executor = None
+
+    def __enter__(self):
+        return self
+
+    def run(self, function, tasks: list, poll=None, every: float = 0.25):
+        """Submit every task (forking the workers), and return an iterator of (task, result)
+        in the order they finish; ``poll()`` is called every ``every`` seconds meanwhile. A dead
+        worker raises WorkerDied."""
+        tasks = list(tasks)
+        workers = min(self.workers, max(1, len(tasks)))
+        table = multiprocessing.Array("q", COLUMNS * workers, lock=False)
+        prepare_workers()
+        self.executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(),
+                                            initializer=_start_worker,
+                                            initargs=(table, multiprocessing.Value("i", 0), os.getpid(),
+                                                      self.initializer, self.initargs))
+        futures = {self.executor.submit(_run, function, n, task): n for n, task in enumerate(tasks)}
+        return self._results(futures, tasks, table, poll, every)
+
+    def _results(self, futures, tasks, table, poll, every):
+        while futures:
+            done, _ = wait(futures, timeout=every, return_when=FIRST_COMPLETED)
+            if poll is not None:
+                poll()
+            for future in done:
+                number = futures.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    raise WorkerDied(_suspects(table, tasks) or [tasks[number]]) from None
+                yield tasks[number], result
+
+    def __exit__(self, kind, error, trace):
+        if self.executor is None:
+            return
+        if kind is not None:  # workers ignore SIGINT and would finish their task first
+            for process in list((getattr(self.executor, "_processes", None) or {}).values()):
+                process.terminate()
+        # shutdown joins the workers: none is left holding the folder lock
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _suspects(table, tasks, seconds: float = 10) -> list:
+    """The tasks of the workers that were mid-task when the pool broke and were not stopped by
+    the executor's SIGTERM (all those mid-task, if that is not known within ``seconds``)."""
+    rows = [table[i:i + COLUMNS] for i in range(0, len(table), COLUMNS)]
+    running = [(pid, task - 1) for pid, task, _ in rows if task]
+    deadline = time.monotonic() + seconds
+    while any(_alive(pid) for pid, _ in running) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rows = [table[i:i + COLUMNS] for i in range(0, len(table), COLUMNS)]
+    died = [task - 1 for _, task, stopped in rows if task and not stopped]
+    return [tasks[n] for n in (died or [n for _, n in running])]
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to ended (a zombie waiting to be collected counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,84 @@
+"""The process pool of imgprep shard and pca-stats: a dead worker is named, an early stop ends
+the workers at once, and pca-stats gets the same behaviour as shard."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from prep.errors import PrepError
+from prep.pool import WorkerDied, WorkerPool
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def square_or_die(n: int) -> int:
+    if n == 5:
+        time.sleep(0.3)  # the others are mid-task when this one dies
+        os._exit(9)
+    time.sleep(0.5 if n < 4 else 0)
+    return n * n
+
+
+def sleep_long(n: int) -> int:
+    time.sleep(60)
+    return n
+
+
+def children() -> list[int]:
+    me = os.getpid()
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def test_results_are_every_task_once():
+    with WorkerPool(2) as pool:
+        results = dict(pool.run(square_or_die, [0, 1, 2, 3, 4, 6]))
+    assert results == {n: n * n for n in [0, 1, 2, 3, 4, 6]}
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_a_dead_worker_is_named_by_its_task(workers):
+    with pytest.raises(WorkerDied) as caught:
+        with WorkerPool(workers) as pool:
+            list(pool.run(square_or_die, [1, 2, 5, 3]))
+    assert caught.value.tasks == [5]
+    assert not children()
+
+
+def test_leaving_early_ends_the_workers_at_once():
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with WorkerPool(2) as pool:
+            results = pool.run(sleep_long, [1, 2, 3])
+            assert len(children()) == 2
+            time.sleep(0.5)
+            raise KeyboardInterrupt  # as Ctrl-C raises it in the parent
+    assert time.monotonic() - started < 10 and not children()
+    assert results is not None
+
+
+def test_a_dead_pca_stats_worker_names_its_shard_and_nothing_is_written(fresh_copy, monkeypatch):
+    import prep.stats
+
+    victim = sorted((fresh_copy / "train").glob("*.h5"))[1]
+    real = prep.stats.shard_sums
+
+    def dying(path, *args):
+        if Path(path) == victim:
+            os._exit(9)
+        return real(path, *args)
+
+    monkeypatch.setattr(prep.stats, "shard_sums", dying)  # the workers are forked: they see it
+    with pytest.raises(PrepError, match=f"a pca-stats worker process died while reading {victim} "):
+        prep.stats.compute_stats(fresh_copy, workers=2, progress=False)
+    assert not (fresh_copy / "stats.json").exists() and not children()
