@@ -1,7 +1,7 @@
 """Errors of the online stage; each message is one sentence for the user."""
 
-from prep.errors import PrepError
+from prep.errors import ImgprepError
 
 
-class AugmentError(PrepError):
+class AugmentError(ImgprepError):
     """A loader cannot be built as asked (backend, device, batch size, statistics)."""

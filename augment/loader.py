@@ -23,7 +23,6 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from augment.colour import colour_stats

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from augment.errors import AugmentError
+
 MODES = ("train", "val", "test10")
 CROP_MODES = ("paper", "random-resized")
 NORMALIZE = ("channel", "mean-image", "none")
@@ -38,15 +40,15 @@ class AugmentSpec:
                                      ("dtype", self.dtype, DTYPES), ("layout", self.layout, LAYOUTS),
                                      ("crop_mode", self.crop_mode, CROP_MODES)):
             if value not in allowed:
-                raise ValueError(f"AugmentSpec {name} must be one of {', '.join(allowed)}, got {value!r}")
+                raise AugmentError(f"AugmentSpec {name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.crop < 1:
-            raise ValueError(f"AugmentSpec crop must be positive, got {self.crop}")
+            raise AugmentError(f"AugmentSpec crop must be positive, got {self.crop}")
         if not 0 <= self.flip <= 1:
-            raise ValueError(f"AugmentSpec flip is a probability, got {self.flip}")
+            raise AugmentError(f"AugmentSpec flip is a probability, got {self.flip}")
         if self.lighting < 0:
-            raise ValueError(f"AugmentSpec lighting is a standard deviation, got {self.lighting}")
+            raise AugmentError(f"AugmentSpec lighting is a standard deviation, got {self.lighting}")
         if self.crop_mode == "random-resized" and self.normalize == "mean-image":
-            raise ValueError("normalize='mean-image' goes with crop_mode='paper': the mean image is cut, not resized")
+            raise AugmentError("normalize='mean-image' goes with crop_mode='paper': the mean image is cut, not resized")
 
     @property
     def random(self) -> bool:

@@ -9,7 +9,6 @@ Set IMGPREP_DEBUG=1 to see the traceback behind a one-line error.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections import Counter
 from pathlib import Path
@@ -17,29 +16,10 @@ from pathlib import Path
 import click
 
 from prep import __version__
+from prep.errors import report_errors
 
 DEFAULT_SHARDS = "shards"
 SHARDS_ENV = "IMGPREP_SHARDS"
-
-
-def report_errors(command):
-    """Our own errors become one line (exit 1), Ctrl-C exits 130; anything else keeps its traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from prep.errors import PrepError
-
-        try:
-            return command(*args, **kwargs)
-        except PrepError as error:
-            if os.environ.get("IMGPREP_DEBUG"):
-                raise
-            raise click.ClickException(f"{error}  (IMGPREP_DEBUG=1 shows the traceback)") from None
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            raise SystemExit(130) from None
-
-    return wrapper
 
 
 def shards_argument(command):

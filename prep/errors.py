@@ -1,11 +1,32 @@
-"""Errors the prep stage raises on purpose.
+"""The errors imgprep raises on purpose, and the one place that reports them.
 
-Each carries one sentence meant for the user; ``prep.cli`` prints it without a traceback.
+Every such error derives from ``ImgprepError`` and carries one sentence for the user. Each
+command is wrapped in ``report_errors``: without ``IMGPREP_DEBUG`` an ImgprepError is that one
+line (exit 1); with ``IMGPREP_DEBUG=1`` it keeps its traceback, and so does an error that
+happened in another process (a training rank), whose traceback travels with it as
+``remote_traceback``. Any other exception is a bug and always shows its traceback.
 """
 
+from __future__ import annotations
 
-class PrepError(Exception):
-    """Base class: a problem the user can fix (bad arguments, bad input, bad output folder)."""
+import functools
+import os
+import sys
+
+DEBUG_ENV = "IMGPREP_DEBUG"
+
+
+class ImgprepError(Exception):
+    """Base class: a problem the user can fix (bad arguments, bad input, bad output folder).
+
+    ``remote_traceback``: the traceback text of the process the error happened in, when that
+    is not this one."""
+
+    remote_traceback: str | None = None
+
+
+class PrepError(ImgprepError):
+    """A problem of the offline stage (imgprep shard, pca-stats, the shard reader)."""
 
 
 class SourceError(PrepError):
@@ -22,3 +43,29 @@ class ShardFormatError(PrepError):
 
 class BadImage(Exception):
     """One source file cannot become a training image; the message is its reject reason."""
+
+
+def debugging() -> bool:
+    return bool(os.environ.get(DEBUG_ENV))
+
+
+def report_errors(command):
+    """Our own errors become one line (exit 1), Ctrl-C exits 130; anything else keeps its
+    traceback. With IMGPREP_DEBUG=1 our errors keep theirs too, a remote one's printed first."""
+    import click
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ImgprepError as error:
+            if debugging():
+                if error.remote_traceback:
+                    print(error.remote_traceback, file=sys.stderr, end="")
+                raise
+            raise click.ClickException(f"{error}  ({DEBUG_ENV}=1 shows the traceback)") from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise SystemExit(130) from None
+
+    return wrapper

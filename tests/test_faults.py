@@ -300,6 +300,36 @@ def test_an_output_folder_that_is_a_file_is_one_line(fake_src, stats_shards, tmp
     one_line_error(train_cli("run", stats_shards, "--arch", "tiny_models:tiny", *FAST, "--out", target), "is a file")
 
 
+def test_augment_spec_errors_are_ours_so_commands_report_them_in_one_line():
+    from augment import AugmentSpec
+    from prep.errors import ImgprepError
+
+    with pytest.raises(ImgprepError, match="lighting is a standard deviation, got -1"):
+        AugmentSpec(lighting=-1)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_imgprep_debug_shows_the_traceback_of_our_errors(monkeypatch, debug):
+    import click
+
+    from prep.errors import ImgprepError, report_errors
+
+    @click.command()
+    @report_errors
+    def command():
+        error = ImgprepError("the shard is damaged")
+        error.remote_traceback = "Traceback (most recent call last):\n  in the other process\n"
+        raise error
+
+    monkeypatch.setenv("IMGPREP_DEBUG", "1") if debug else monkeypatch.delenv("IMGPREP_DEBUG", raising=False)
+    result = CliRunner().invoke(command, [])
+    assert result.exit_code == 1
+    if debug:  # the other process's traceback, then this one's
+        assert isinstance(result.exception, ImgprepError) and "in the other process" in result.output
+    else:
+        one_line_error(result, "the shard is damaged")
+
+
 def test_preview_arguments(stats_shards, tmp_path):
     for bad in (["--images", "0"], ["--versions", "-1"]):
         result = run_cli(["preview", str(stats_shards), "--out", str(tmp_path / "p.png"), *bad])

@@ -29,8 +29,8 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("
 DEFAULT_PATH = ["--device", "cpu", "--workers", "2", "--batch-size", "8"]
 
 
-def train(*args, timeout=300):
-    result, group = run_command([sys.executable, "-m", "train", *args], env=ENV, timeout=timeout)
+def train(*args, timeout=300, env=ENV):
+    result, group = run_command([sys.executable, "-m", "train", *args], env=env, timeout=timeout)
     assert_group_ends(group)
     return result
 
@@ -68,12 +68,20 @@ def test_two_processes_evaluate_ten_crops_with_dali_workers(stats_shards, tmp_pa
     assert "over 16 images (10 crops)" in result.stdout
 
 
-def test_a_data_error_on_one_rank_ends_every_process_with_one_line(stats_shards, tmp_path):
+@pytest.mark.parametrize("debug", [False, True], ids=["one line", "IMGPREP_DEBUG"])
+def test_a_data_error_on_one_rank_ends_every_process_with_one_line(stats_shards, tmp_path, debug):
     result = train("run", stats_shards, "--arch", "tiny_models:tiny_data_error_on_rank_1", "--epochs", 2,
-                   "--nproc", 2, *DEFAULT_PATH, "--out", tmp_path / "run")
+                   "--nproc", 2, *DEFAULT_PATH, "--out", tmp_path / "run",
+                   env={**ENV, "IMGPREP_DEBUG": "1"} if debug else ENV)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        "Error: rank 1: shard train/train-00001.h5 cannot be read (injected)  (IMGPREP_DEBUG=1 shows the traceback)"]
+    if not debug:
+        assert result.stderr.strip().splitlines() == [
+            "Error: rank 1: shard train/train-00001.h5 cannot be read (injected)  (IMGPREP_DEBUG=1 shows the traceback)"]
+    else:  # the rank's own traceback, where the error was raised, then the launcher's
+        rank_part = result.stderr.split("rank 1:\n", 1)[1]
+        assert "in forward" in rank_part.split("Traceback", 2)[1]
+        assert "ShardFormatError: shard train/train-00001.h5 cannot be read (injected)" in rank_part
+        assert "RankError: rank 1: shard train/train-00001.h5 cannot be read" in result.stderr
 
 
 def test_a_bug_on_one_rank_shows_its_traceback_once(stats_shards, tmp_path):

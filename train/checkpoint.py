@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from prep.atomic import atomic_path, no_space
-from prep.errors import PrepError
+from prep.errors import ImgprepError
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -51,7 +51,7 @@ def tensor_bytes(value) -> int:
 NEEDED = ("model", "config", "classes", "epoch", "world_size")  # what every reader of a checkpoint uses
 
 
-class CheckpointError(PrepError):
+class CheckpointError(ImgprepError):
     """A checkpoint is missing, damaged, or not one of ours."""
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from prep.cli import report_errors
+from prep.errors import report_errors
 
 SHARDS_ENV = "IMGPREP_SHARDS"
 # TrainConfig fields a resumed run may change: how long, and how it reads its data.

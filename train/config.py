@@ -9,14 +9,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
-from prep.errors import PrepError
+from prep.errors import ImgprepError
 
 SCHEDULES = ("plateau", "step", "cosine")
 CROP_MODES = ("paper", "random-resized")
 AMP = ("bf16", "fp16", "off")
 
 
-class ConfigError(PrepError, ValueError):
+class ConfigError(ImgprepError, ValueError):
     """An option, or a combination of options, that cannot work."""
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from prep.atomic import atomic_write_text
-from prep.errors import PrepError
+from prep.errors import ImgprepError
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def launch(entrypoint, args: tuple, nproc: int):
     Uses a c10d rendezvous on a free local port (torchrun --standalone does the same). Each
     process reports how it ended through a file in a private folder (``_report``), so a failure
     ends the command with one line naming its first cause, not with every rank's traceback:
-    PrepError -> ``RankError`` with its message; any other exception -> its traceback, printed
+    ImgprepError -> ``RankError`` with its message; any other exception -> its traceback, printed
     here, then ``RankError``; Ctrl-C -> KeyboardInterrupt; a process killed by a signal (out of
     memory) -> ``RankError`` naming the signal. The other processes stop when one fails.
 
@@ -182,7 +182,7 @@ def early_stop() -> str | None:
     return _early_stops[0] if _early_stops else None
 
 
-class RankError(PrepError):
+class RankError(ImgprepError):
     """A process of a data-parallel run failed; the message names the first cause."""
 
 
@@ -214,8 +214,8 @@ def _report(entrypoint, args: tuple, reports: str, launcher_pid: int):
         if early_stop() == "SIGINT":
             raise KeyboardInterrupt
         result = entrypoint(*args)
-    except PrepError as error:
-        leave({"error": str(error)}, 1)
+    except ImgprepError as error:  # its traceback travels too, for IMGPREP_DEBUG=1
+        leave({"error": str(error), "error_traceback": traceback.format_exc()}, 1)
     except KeyboardInterrupt:
         leave({"interrupted": True}, 130)
     except Exception as error:
@@ -238,7 +238,9 @@ def _outcome(reports: str, nproc: int, died: dict):
                 records[rank] = json.load(f)
     for rank, record in sorted(records.items()):
         if "error" in record:
-            raise RankError(f"rank {rank}: {record['error']}")
+            error = RankError(f"rank {rank}: {record['error']}")
+            error.remote_traceback = f"rank {rank}:\n{record.get('error_traceback', '')}"
+            raise error
     for rank, signal_name in sorted(died.items()):
         hint = " (out of memory?)" if signal_name == "SIGKILL" else ""
         raise RankError(f"rank {rank} was killed by {signal_name}{hint}")

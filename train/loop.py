@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from augment import AugmentSpec, Loader
 from prep.atomic import no_space
-from prep.errors import PrepError
+from prep.errors import ImgprepError
 from prep.lifeline import sigterm_as_interrupt
 from prep.shards import open_shards
 from train import dist
@@ -47,7 +47,7 @@ from train.schedule import Schedule
 PREEMPTED_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped on request, checkpoint saved, resume to continue
 
 
-class TrainingError(PrepError):
+class TrainingError(ImgprepError):
     """The run cannot go on (diverged, or cannot resume); the message says why."""
 
 

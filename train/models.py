@@ -12,7 +12,7 @@ import importlib
 import torch
 from torch import nn
 
-from prep.errors import PrepError
+from prep.errors import ImgprepError
 
 
 class AlexNet(nn.Module):
@@ -108,7 +108,7 @@ class AlexNetOWT(nn.Module):
 MODELS = {"alexnet": AlexNet, "alexnet-owt": AlexNetOWT}
 
 
-class UnknownArch(PrepError, ValueError):
+class UnknownArch(ImgprepError, ValueError):
     """--arch names nothing we can build; the message lists what is valid."""
 
 
