@@ -23,7 +23,8 @@ from augment.spec import AugmentSpec
 from prep.errors import ShardFormatError
 from prep.stats import InvalidStatsError, load_stats
 
-# torchvision's ImageNet constants, on the 0-255 scale: only a fallback without stats.json.
+# torchvision's ImageNet constants, on the 0-255 scale: what its published weights expect
+# (normalize "torchvision"), and the fallback of "channel" without stats.json.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
@@ -54,9 +55,10 @@ def colour_stats(root, spec: AugmentSpec) -> ColourStats:
                           f"run 'imgprep pca-stats {root}' for this dataset's own", stacklevel=2)
         return ColourStats(np.array(IMAGENET_MEAN), np.array(IMAGENET_STD), np.zeros(3), np.eye(3))
     mean_image = stats.get("mean_image")
+    fixed = spec.normalize == "torchvision"
     return ColourStats(
-        mean=np.array(stats["mean"]), std=np.array(stats["std"]), eigval=np.array(stats["eigval"]),
-        eigvec=np.array(stats["eigvec"]),
+        mean=np.array(IMAGENET_MEAN if fixed else stats["mean"]), std=np.array(IMAGENET_STD if fixed else stats["std"]),
+        eigval=np.array(stats["eigval"]), eigvec=np.array(stats["eigvec"]),
         mean_image=None if mean_image is None or isinstance(mean_image, str) else mean_image.astype(np.float32),
     )
 

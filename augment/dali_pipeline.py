@@ -54,7 +54,7 @@ class ShardSource:
         if self._reader is None:
             self._open()
         plan, spec = self.plan, self.plan.spec
-        batch = plan.batch(*plan.locate(self.first_epoch, self.first_position, iteration))
+        batch = plan.batch(*plan.locate(self.first_epoch, self.first_position, iteration), self._reader)
         stored = self._reader.stored_many(batch.indices)
         params = batch.params
         offsets = lighting_offsets(params.alpha, self.colour).astype(np.float32)
@@ -110,7 +110,7 @@ def build_pipeline(source: ShardSource, spec: AugmentSpec, encoding: str, size: 
             mean_image = types.Constant(colour.mean_image, layout="HWC", device="gpu" if cuda else "cpu")
             image = fn.cast(image, dtype=types.FLOAT) - mean_image
             mean, std = -offset, 1.0
-        elif spec.normalize == "channel":
+        elif spec.per_channel:
             mean, std = types.Constant(colour.mean.astype(np.float32)) - offset, colour.std.astype(np.float32).tolist()
         else:
             mean, std = -offset, 1.0

@@ -25,13 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
-from augment.colour import colour_stats
+from augment.colour import ColourStats, colour_stats
 from augment.errors import AugmentError
 from augment.feed import BatchPlan, PlannedBatch
+from augment.sampler import check_batch_fits
 from augment.spec import AugmentSpec
 from augment.torch_ops import augment_batch, ten_crop_batch
 from prep.lifeline import starting_workers
-from prep.shards import open_shards
+from prep.shards import ShardSet, open_shards
 
 BACKENDS = ("dali", "torch")
 STOP_GRACE_SECONDS = 5  # a worker that has not left this long after being told to is killed
@@ -48,7 +49,9 @@ class Loader:
 
     def __init__(self, shards, split: str = "train", batch_size: int = 128, spec: AugmentSpec = AugmentSpec(),
                  backend: str | None = None, device: str = "cuda", rank: int = 0, world_size: int = 1,
-                 seed: int = 0, workers: int = 4):
+                 seed: int = 0, workers: int = 4, colour: ColourStats | None = None):
+        """``shards``: a folder or an open ``ShardSet``; ``colour``: the folder's colour
+        statistics when the caller has them already (see ``augment.colour``)."""
         backend = backend or ("dali" if dali_available() else "torch")
         if backend not in BACKENDS:
             raise AugmentError(f"unknown backend {backend!r}: use 'dali' or 'torch'")
@@ -63,22 +66,17 @@ class Loader:
             raise AugmentError(f"rank {rank} is outside a world of {world_size}")
         if workers < 0:
             raise AugmentError(f"workers must be 0 or more, got {workers}")
-        self.shard_set = open_shards(shards)
+        self.shard_set = shards if isinstance(shards, ShardSet) else open_shards(shards)
         self.reader = self.shard_set.split(split)
         self.size = self.shard_set.size
         if spec.crop > self.size:
             raise AugmentError(f"crop {spec.crop} is larger than the {self.size} px shard images")
-        if batch_size < 1 or (spec.random and batch_size * world_size > len(self.reader)):
-            # Training drops the remainder, so one full step over all ranks must fit; evaluation
-            # takes any batch size (a short last batch).
-            raise AugmentError(f"batch size {batch_size} x {world_size} ranks does not fit split '{split}' "
-                               f"of {len(self.reader)} images")
+        check_batch_fits(len(self.reader), batch_size, world_size, split, spec.random)
         self.split, self.batch_size, self.spec = split, batch_size, spec
         self.backend, self.device, self.rank, self.world_size = backend, device, rank, world_size
         self.seed, self.workers = seed, workers
-        self.colour = colour_stats(shards, spec)
-        self.labels = self.reader.labels
-        self.plan = BatchPlan(self.labels, spec, self.size, batch_size, rank, world_size, seed)
+        self.colour = colour or colour_stats(self.shard_set.root, spec)
+        self.plan = BatchPlan(len(self.reader), spec, self.size, batch_size, rank, world_size, seed)
         self.epoch, self.position = 0, 0  # next batch to yield: batch `position` of `epoch`
         self._stream = None  # the running stream of batches (an endless iterator) ...
         self._stream_at = None  # ... the (epoch, batch) its next batch belongs to ...
@@ -330,7 +328,7 @@ class _SlotFiller(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> _Filled:
         if self._reader is None:  # opened in the worker: HDF5 handles do not survive a fork
             self._reader = open_shards(self.root).split(self.split)
-        batch = self.plan.batch(*self.plan.locate(self.first_epoch, self.first_position, k))
+        batch = self.plan.batch(*self.plan.locate(self.first_epoch, self.first_position, k), self._reader)
         slot = k % len(self.slots)
         self._reader.gather(batch.indices, self.slots[slot].numpy())
         return _Filled(slot, batch)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from augment.errors import AugmentError
 from augment.params import ORDER, uniforms
 
 
@@ -40,3 +41,19 @@ def batches_per_epoch(n: int, batch_size: int, rank: int, world_size: int, shuff
         return n // (world_size * batch_size)
     mine = len(range(rank, n, world_size))
     return -(-mine // batch_size)
+
+
+def per_rank_batch(global_batch: int, world_size: int) -> int:
+    """The batch each of ``world_size`` processes takes from a global batch, which must split
+    evenly (the same samples per step whatever the world size, see the module docstring)."""
+    if global_batch < 1 or global_batch % world_size:
+        raise AugmentError(f"batch size {global_batch} does not divide over {world_size} processes")
+    return global_batch // world_size
+
+
+def check_batch_fits(n: int, batch_size: int, world_size: int, split: str, shuffle: bool = True) -> None:
+    """Training drops the remainder, so one full step over all ranks must fit in the split;
+    evaluation takes any batch size (a short last batch)."""
+    if batch_size < 1 or (shuffle and batch_size * world_size > n):
+        total = f"{batch_size * world_size} ({batch_size} x {world_size} processes)" if world_size > 1 else batch_size
+        raise AugmentError(f"batch size {total} is larger than the {n} images of split '{split}'")

@@ -8,14 +8,16 @@ from augment.errors import AugmentError
 
 MODES = ("train", "val", "test10")
 CROP_MODES = ("paper", "random-resized")
-NORMALIZE = ("channel", "mean-image", "none")
+NORMALIZE = ("channel", "mean-image", "torchvision", "none")
 DTYPES = ("float32", "float16")
 LAYOUTS = ("NCHW", "NHWC")
 
 
 @dataclass(frozen=True)
 class AugmentSpec:
-    """The augmentation recipe; the defaults are the paper's training recipe.
+    """The augmentation recipe. The defaults are the paper's crops, mirrors and lighting with
+    per-channel normalisation; the paper itself subtracts the mean image (``normalize=
+    "mean-image"``), which ``train`` picks for AlexNet (``TrainConfig.normalize``).
 
     mode "train": a uniformly random ``crop`` x ``crop`` window of the S x S shard image
     (``crop_mode="paper"``) or a random-resized crop (``"random-resized"``: a window of 8-100%
@@ -29,8 +31,10 @@ class AugmentSpec:
     crop: int = 224  # output side in pixels
     flip: float = 0.5  # probability of a horizontal mirror (train only)
     lighting: float = 0.1  # std of the PCA-lighting alpha; 0 turns lighting off (train only)
-    normalize: str = "channel"  # "channel": (x - mean) / std per channel; "mean-image": x - mean image
-    #                             (the paper; no division); "none": 0-255 values, to inspect the maths
+    normalize: str = "channel"  # "channel": (x - mean) / std per channel, from stats.json; "mean-image":
+    #                             x - mean image (the paper; no division); "torchvision": (x - mean) / std
+    #                             with torchvision's ImageNet constants, which its published weights
+    #                             expect; "none": 0-255 values, to inspect the maths
     dtype: str = "float32"  # output element type
     layout: str = "NCHW"  # output layout of each image
     crop_mode: str = "paper"  # train window: "paper" (fixed size) or "random-resized"
@@ -48,12 +52,18 @@ class AugmentSpec:
         if self.lighting < 0:
             raise AugmentError(f"AugmentSpec lighting is a standard deviation, got {self.lighting}")
         if self.crop_mode == "random-resized" and self.normalize == "mean-image":
-            raise AugmentError("normalize='mean-image' goes with crop_mode='paper': the mean image is cut, not resized")
+            raise AugmentError("mean-image normalisation goes with the paper's crops: random-resized windows are "
+                               "resized, so the mean image cannot be cut to match (use --normalize channel)")
 
     @property
     def random(self) -> bool:
         """Whether each sample draws its own crop, mirror and lighting."""
         return self.mode == "train"
+
+    @property
+    def per_channel(self) -> bool:
+        """Whether normalisation is (x - mean) / std with one mean and std per channel."""
+        return self.normalize in ("channel", "torchvision")
 
     @property
     def uses_lighting(self) -> bool:

@@ -10,7 +10,8 @@ Images arrive as uint8 [B, S, S, 3] RGB on the device. For sample b with window 
     mirror     w_b[i, j]   = w_b[i, crop - 1 - j]                      when m_b
                (crop and mirror are one gather: column x_b + crop - 1 - j)
     lighting   v_b[i, j]   = w_b[i, j] + o_b                           no clamping
-    normalise  "channel":    (v_b - mean) / std    per channel, 0-255 mean and std
+    normalise  "channel":    (v_b - mean) / std    per channel, 0-255 mean and std (stats.json;
+               "torchvision": the same with torchvision's ImageNet mean and std)
                "mean-image": v_b - M_b, M_b the mean image cut by the same window and mirror
                "none":       v_b
 """
@@ -76,7 +77,7 @@ def augment_batch(images: torch.Tensor, params: SampleParams, spec: AugmentSpec,
     values = (windows.permute(0, 3, 1, 2) if nchw else windows).to(torch.float32, memory_format=torch.contiguous_format)
     channel = (slice(None), slice(None), None, None) if nchw else (slice(None), None, None, slice(None))
     offsets = torch.as_tensor(lighting_offsets(params.alpha, colour), dtype=torch.float32, device=images.device)
-    if spec.normalize == "channel":  # (v + o - mean) / std
+    if spec.per_channel:  # (v + o - mean) / std
         mean, std = (torch.as_tensor(v, dtype=torch.float32, device=images.device) for v in (colour.mean, colour.std))
         values.sub_((mean - offsets)[channel]).div_(std[(None, *channel[1:])])
     elif spec.normalize == "mean-image":  # v + o - M, M cut by the same window and mirror

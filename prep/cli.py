@@ -9,17 +9,14 @@ Set IMGPREP_DEBUG=1 to see the traceback behind a one-line error.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 
 import click
 
-from prep import __version__
+from prep import DEFAULT_SHARDS, SHARDS_ENV, __version__, shards_folder
 from prep.errors import report_errors
 
-DEFAULT_SHARDS = "shards"
-SHARDS_ENV = "IMGPREP_SHARDS"
 
 
 def shards_argument(command):
@@ -27,10 +24,6 @@ def shards_argument(command):
         "shards", required=False, default=None, metavar="[SHARDS]",
         type=click.Path(file_okay=False, path_type=Path),
     )(command)
-
-
-def resolve_shards(shards: Path | None) -> Path:
-    return shards or Path(os.environ.get(SHARDS_ENV, DEFAULT_SHARDS))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -139,7 +132,7 @@ def pca_stats(shards, split, workers, sample, seed, quiet):
     from prep.pool import usable_cores
     from prep.stats import compute_stats
 
-    root = resolve_shards(shards)
+    root = shards_folder(shards)
     workers = workers or usable_cores()
     click.echo(f"imgprep pca-stats {root}  (split={split} workers={workers} "
                f"sample={sample or 'all'} seed={seed})")
@@ -181,7 +174,7 @@ def preview(shards, out, split, images, versions, lighting, seed, crop):
     """
     from augment.preview import make_preview
 
-    path, rows = make_preview(resolve_shards(shards), out, split, images, versions, lighting, seed, crop)
+    path, rows = make_preview(shards_folder(shards), out, split, images, versions, lighting, seed, crop)
     click.echo(f"wrote {path} ({rows} images x {versions} augmented versions)")
 
 
@@ -196,7 +189,7 @@ def info(shards):
     from prep.errors import PrepError
     from prep.shards import read_manifest, read_rejects
 
-    root = resolve_shards(shards)
+    root = shards_folder(shards)
     manifest = read_manifest(root)
     click.echo(f"{root}  ({manifest['format']} v{manifest['version']}, made by {manifest.get('tool', '?')})")
     click.echo(f"source   {manifest.get('source', '?')}")
@@ -250,7 +243,7 @@ def verify(shards):
 
     from prep.shards import read_manifest, sha256_file
 
-    root = resolve_shards(shards)
+    root = shards_folder(shards)
     manifest = read_manifest(root)
     entries = [e for s in manifest["splits"].values() for e in s["shards"]]
     present = [e for e in entries if (root / e["file"]).is_file()]

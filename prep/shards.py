@@ -272,6 +272,16 @@ class SplitReader:
             self._labels = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
         return self._labels
 
+    def labels_of(self, indices) -> np.ndarray:
+        """Labels (int64) of ``indices``, from the shard files that hold them (a worker reading
+        their images has them open already), without reading every file's labels."""
+        file_nos, locals_ = self.locate_many(indices)
+        out = np.empty(len(file_nos), dtype=np.int64)
+        for file_no in np.unique(file_nos).tolist():
+            where = file_nos == file_no
+            out[where] = self.shard_file(file_no).labels[locals_[where]]
+        return out
+
     def close(self) -> None:
         for shard in self._open.values():
             shard.close()

@@ -70,7 +70,7 @@ def make_step(config, classes: int, compiled: bool = False):
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table here.")
 def main(device, arch, batch_size, steps, workers, backend, channels_last, markdown):
     """Training img/s, real pipeline against synthetic tensors on the device."""
-    from augment import AugmentSpec, Loader
+    from augment import Loader
     from prep.job import run_shard_job
     from prep.plan import ShardOptions
     from prep.sources import scan_tree
@@ -85,8 +85,7 @@ def main(device, arch, batch_size, steps, workers, backend, channels_last, markd
                                     large_fraction=0)
         run_shard_job(scan_tree(source), work / "shards", ShardOptions(), workers, progress=False)
         compute_stats(work / "shards", workers=workers, progress=False)
-        config = TrainConfig(arch=arch, batch_size=batch_size, device=device, channels_last=channels_last,
-                             normalize="mean-image" if arch == "alexnet" else "channel")
+        config = TrainConfig(arch=arch, batch_size=batch_size, device=device, channels_last=channels_last)
         where = torch.device(device)
         step = make_step(config, classes=4)
         layout = "NHWC" if channels_last else "NCHW"
@@ -94,7 +93,7 @@ def main(device, arch, batch_size, steps, workers, backend, channels_last, markd
         labels = torch.randint(0, 4, (batch_size,), device=where)
         rows = [("synthetic tensors already on the device", timed_steps(iter(lambda: (synthetic, labels), None), step,
                                                                        3, steps, where))]
-        with Loader(work / "shards", "train", batch_size, AugmentSpec(normalize=config.normalize, layout=layout),
+        with Loader(work / "shards", "train", batch_size, config.augment_spec("train", layout),
                     backend=backend, device=device, workers=workers) as loader:
             rows.append((f"shards -> Loader ({loader.backend}) -> step",
                          timed_steps(endless(loader), step, 3, steps, where)))

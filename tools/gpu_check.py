@@ -84,7 +84,7 @@ def loader_rates(shards: dict, device: str, batch: int, workers: int, warmup: in
 
 def trainer_rates(shards: dict, device: str, batch: int, workers: int, warmup: int, timed: int,
                   compile_too: bool) -> dict:
-    from augment import AugmentSpec, Loader
+    from augment import Loader
     from tools.benchkit import endless
     from tools.bench_train import make_step
     from train.config import TrainConfig
@@ -95,10 +95,8 @@ def trainer_rates(shards: dict, device: str, batch: int, workers: int, warmup: i
     if compile_too:
         variants.append(("bf16", True, True))
     for arch in ("alexnet", "alexnet-owt"):
-        normalize = "mean-image" if arch == "alexnet" else "channel"
         for amp, channels_last, compiled in variants:
-            config = TrainConfig(arch=arch, batch_size=batch, device=device, amp=amp, channels_last=channels_last,
-                                 normalize=normalize)
+            config = TrainConfig(arch=arch, batch_size=batch, device=device, amp=amp, channels_last=channels_last)
             torch.manual_seed(0)
             step = make_step(config, classes=4, compiled=compiled)
             layout = "NHWC" if channels_last else "NCHW"
@@ -107,8 +105,8 @@ def trainer_rates(shards: dict, device: str, batch: int, workers: int, warmup: i
             synthetic = torch.randn(shape, device=where)
             labels = torch.randint(0, 4, (batch,), device=where)
             rows[f"{name}: synthetic"] = rate(repeat(synthetic, labels), warmup, timed, device, step)
-            spec = AugmentSpec(normalize=normalize, layout=layout)
-            with Loader(shards["raw"], "train", batch, spec, device=device, workers=workers) as loader:
+            with Loader(shards["raw"], "train", batch, config.augment_spec("train", layout), device=device,
+                        workers=workers) as loader:
                 rows[f"{name}: DALI loader, raw shards"] = rate(endless(loader), warmup, timed, device, step)
     return rows
 

@@ -60,6 +60,28 @@ def load_checkpoint(path) -> dict:
     a file that holds anything else is refused, never run). Each way it can be unusable is one
     sentence naming the file."""
     path = Path(path)
+    return _checked(path, _read(path))
+
+
+def load_for_eval(path) -> dict:
+    """A train checkpoint, or published weights: a plain state_dict of tensors (torchvision's
+    model files are such), returned as {"model": state_dict} with nothing else."""
+    path = Path(path)
+    state = _read(path)
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return {"model": state}
+    return _checked(path, state)
+
+
+def _checked(path: Path, state) -> dict:
+    missing = [key for key in NEEDED if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a train checkpoint: it lacks {', '.join(missing)}")
+    return state
+
+
+def _read(path: Path):
+    """torch.load(weights_only=True) of ``path``, each failure one CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     if path.stat().st_size == 0:
@@ -76,9 +98,6 @@ def load_checkpoint(path) -> dict:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(f"checkpoint {path} is damaged (truncated or corrupt): {reason}") from None
-    missing = [key for key in NEEDED if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not a train checkpoint: it lacks {', '.join(missing)}")
     return state
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import click
 
+from prep import shards_folder
 from prep.errors import report_errors
+from train.config import AMP, BACKENDS, CROP_MODES, DEVICES, NORMALIZE, PRESETS, SCHEDULES, default
 
-SHARDS_ENV = "IMGPREP_SHARDS"
 # TrainConfig fields a resumed run may change: how long, and how it reads its data.
 RESUMABLE_CHANGES = ("epochs", "workers", "backend", "checkpoint_minutes")
 
@@ -30,7 +31,7 @@ def processes_options(command):
                            help="Processes with --device cpu (gloo).  [default: 1]")(command)
     command = click.option("--gpus", type=click.IntRange(min=1), default=None,
                            help="Local GPUs, one process each (NCCL).  [default: all]")(command)
-    return click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
+    return click.option("--device", type=click.Choice(DEVICES), default=None,
                         help="Where the processes compute.  [default: cuda when a GPU is present, else cpu]")(command)
 
 
@@ -88,45 +89,56 @@ def main():
     """Train CNNs on imgprep shards: AlexNet as in the paper first, any CNN by import path."""
 
 
+def shown(name: str, text: str = "") -> str:
+    """Help text ending in TrainConfig's default for field ``name`` (or ``text`` for a derived one)."""
+    value = default(name)
+    return f"  [default: {text or ('on' if value is True else 'off' if value is False else value)}]"
+
+
 @main.command()
 @click.argument("shards", required=False, type=click.Path(file_okay=False))
-@click.option("--preset", type=click.Choice(["paper", "demo"]), default="paper", show_default=True,
-              help="Starting values; options given explicitly override them. demo (minutes on a CPU): "
-                   "alexnet-owt, --crop 112, --batch-size 16, --schedule cosine, --warmup-epochs 1, --epochs 8.")
-@click.option("--out", help="Run folder.  [default: runs/<arch>]")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="paper", show_default=True,
+              help="Starting values; options given explicitly override them. paper: the defaults below. demo "
+                   "(minutes on a CPU): " + ", ".join(f"{k}={v}" for k, v in PRESETS["demo"].items())
+                   + ".")
+@click.option("--out", help="Run folder." + shown("out", "runs/<arch>"))
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path),
               help="Continue the run in this folder from its last.pt (its config; --epochs may grow).")
-@click.option("--arch", help="alexnet, alexnet-owt, a torchvision name, or package.module:factory.  [default: alexnet]")
-@click.option("--epochs", type=int, help="Passes over the training split.  [default: 90]")
-@click.option("--batch-size", type=int, help="Images per step over all processes.  [default: 128]")
-@click.option("--lr", type=float, help="Initial learning rate.  [default: 0.01]")
-@click.option("--momentum", type=float, help="SGD momentum.  [default: 0.9]")
-@click.option("--weight-decay", type=float, help="L2 weight decay.  [default: 5e-4]")
-@click.option("--no-bias-decay", is_flag=True, default=None, help="No weight decay on biases and 1-d parameters.")
-@click.option("--label-smoothing", type=float, help="Cross-entropy label smoothing.  [default: 0]")
-@click.option("--schedule", type=click.Choice(["plateau", "step", "cosine"]),
+@click.option("--arch", help="alexnet, alexnet-owt, a torchvision name, or package.module:factory." + shown("arch"))
+@click.option("--epochs", type=int, help="Passes over the training split." + shown("epochs"))
+@click.option("--batch-size", type=int, help="Images per step over all processes." + shown("batch_size"))
+@click.option("--lr", type=float, help="Initial learning rate." + shown("lr"))
+@click.option("--momentum", type=float, help="SGD momentum." + shown("momentum"))
+@click.option("--weight-decay", type=float, help="L2 weight decay." + shown("weight_decay"))
+@click.option("--no-bias-decay/--bias-decay", default=None,
+              help="Exempt biases and other 1-d parameters from weight decay, as cuda-convnet (the paper's code) "
+                   "did, or decay them too." + shown("no_bias_decay", "--no-bias-decay"))
+@click.option("--label-smoothing", type=float, help="Cross-entropy label smoothing." + shown("label_smoothing"))
+@click.option("--schedule", type=click.Choice(SCHEDULES),
               help="plateau: lr/10 when val top-1 stalls for --patience epochs, at most 3 times (the paper); "
                    "step: lr/10 every --step-epochs; cosine: to 0 at the last epoch (growing --epochs on "
-                   "--resume stretches it).  [default: plateau]")
-@click.option("--patience", type=int, help="plateau: epochs without improvement before lr/10.  [default: 5]")
-@click.option("--step-epochs", type=int, help="step: epochs between divisions by 10.  [default: 30]")
-@click.option("--warmup-epochs", type=float, help="step, cosine: linear warm-up epochs.  [default: 0]")
-@click.option("--crop-mode", type=click.Choice(["paper", "random-resized"]),
-              help="paper: random 224 window of the 256 image; random-resized: RandomResizedCrop.  [default: paper]")
-@click.option("--crop", type=int, help="Input side in pixels.  [default: 224]")
-@click.option("--lighting", type=float, help="Std of the PCA-lighting alpha, 0 for none.  [default: 0.1]")
-@click.option("--normalize", type=click.Choice(["channel", "mean-image"]),
-              help="channel: (x - mean) / std; mean-image: the paper's mean-image subtraction.  "
-                   "[default: mean-image for --arch alexnet with paper crops, channel otherwise]")
-@click.option("--backend", type=click.Choice(["dali", "torch"]), help="Loader backend.  [default: dali if installed]")
-@click.option("--workers", type=int, help="Loader workers per process.  [default: 4]")
+                   "--resume stretches it)." + shown("schedule"))
+@click.option("--patience", type=int, help="plateau: epochs without improvement before lr/10." + shown("patience"))
+@click.option("--step-epochs", type=int, help="step: epochs between divisions by 10." + shown("step_epochs"))
+@click.option("--warmup-epochs", type=float, help="step, cosine: linear warm-up epochs." + shown("warmup_epochs"))
+@click.option("--crop-mode", type=click.Choice(CROP_MODES),
+              help="paper: random window of the 256 image; random-resized: RandomResizedCrop." + shown("crop_mode"))
+@click.option("--crop", type=int, help="Input side in pixels." + shown("crop"))
+@click.option("--lighting", type=float, help="Std of the PCA-lighting alpha, 0 for none." + shown("lighting"))
+@click.option("--normalize", type=click.Choice(NORMALIZE),
+              help="channel: (x - mean) / std of stats.json; mean-image: the paper's mean-image subtraction; "
+                   "torchvision: torchvision's ImageNet mean and std; none: 0-255 values."
+                   + shown("normalize", "mean-image for --arch alexnet with paper crops, channel otherwise"))
+@click.option("--backend", type=click.Choice(BACKENDS), help="Loader backend.  [default: dali if installed]")
+@click.option("--workers", type=int, help="Loader workers per process." + shown("workers"))
 @processes_options
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), help="Autocast on GPU.  [default: bf16]")
+@click.option("--amp", type=click.Choice(AMP), help="Autocast on GPU." + shown("amp"))
 @click.option("--channels-last", is_flag=True, default=None, help="NHWC memory format.")
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
-@click.option("--seed", type=int, help="Seed of order, augmentation, initialisation, dropout.  [default: 0]")
+@click.option("--seed", type=int, help="Seed of order, augmentation, initialisation, dropout." + shown("seed"))
 @click.option("--checkpoint-minutes", type=float,
-              help="Also save last.pt mid-epoch this often, so a kill -9 loses at most that much.  [default: 0, off]")
+              help="Also save last.pt mid-epoch this often, so a kill -9 loses at most that much (0: off)."
+                   + shown("checkpoint_minutes"))
 @report_errors
 def run(shards, preset, out, resume, device, gpus, nproc, compile_, **options):
     """Train a CNN on SHARDS (default $IMGPREP_SHARDS, else ./shards).
@@ -141,7 +153,7 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, **options):
     (exit 130), keeping the last checkpoint.
     """
     from train.checkpoint import LAST, load_checkpoint
-    from train.config import PRESETS, TrainConfig
+    from train.config import TrainConfig
 
     state = load_checkpoint(resume / LAST) if resume else None  # read once: it may weigh hundreds of MB
     if resume and not (gpus or nproc):  # as many processes as the run had, unless told otherwise
@@ -153,19 +165,13 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, **options):
     if resume:
         config = resumed_config(resume, state, given, shards, out).with_(device=device)
     else:
-        values = {**PRESETS[preset](), **given, "device": device}
-        # The paper's N(0, 0.01) initialisation expects its mean-subtracted 0-255 inputs: with
-        # unit-variance inputs the paper's AlexNet starts far slower.
-        paper_input = values.get("arch", "alexnet") == "alexnet" and values.get("crop_mode", "paper") == "paper"
-        values.setdefault("normalize", "mean-image" if paper_input else "channel")
+        values = {**PRESETS[preset], **given, "device": device}
         # The backend this run uses, written down: a resume must not switch it silently (the two
         # agree to float rounding only, and --resume promises the very same weights).
         from augment.loader import dali_available
 
         values.setdefault("backend", "dali" if dali_available() else "torch")
-        values["shards"] = shards or os.environ.get(SHARDS_ENV, "shards")
-        values["out"] = out or f"runs/{values.get('arch', 'alexnet').replace(':', '-').replace('.', '-')}"
-        config = TrainConfig(**values)
+        config = TrainConfig(**values, shards=str(shards_folder(shards)), out=out)
     from train.loop import PREEMPTED_EXIT, worker
 
     with run_folder_lock(config.out):
@@ -205,23 +211,19 @@ def resumed_config(folder: Path, state: dict, given: dict, shards, out):
 
 def check_run(config, processes: int, resume: bool) -> None:
     """Everything that can be checked before processes start, each failure one clear line."""
-    from augment import AugmentSpec
     from augment.colour import colour_stats
+    from augment.sampler import check_batch_fits, per_rank_batch
     from prep.atomic import TMP_MARK
     from prep.shards import open_shards
     from train.checkpoint import LAST
     from train.models import check_arch, check_input_size
 
-    if config.batch_size % processes:
-        raise click.ClickException(f"--batch-size {config.batch_size} does not divide over {processes} processes")
+    per_rank = per_rank_batch(config.batch_size, processes)
     check_arch(config.arch)
     shard_set = open_shards(config.shards)
-    train = shard_set.split("train")
     check_input_size(config.arch, len(shard_set.classes), config.crop)
-    if config.batch_size > len(train):
-        raise click.ClickException(f"--batch-size {config.batch_size} is larger than the {len(train)} training images")
-    colour_stats(config.shards, AugmentSpec(lighting=config.lighting, normalize=config.normalize,
-                                            crop_mode=config.crop_mode))
+    check_batch_fits(len(shard_set.split("train")), per_rank, processes, "train")
+    colour_stats(config.shards, config.augment_spec("train"))
     if config.schedule == "plateau" and not ("val" in shard_set.splits and len(shard_set.split("val"))):
         what = "an empty val split" if "val" in shard_set.splits else "no val split"
         raise click.ClickException(f"{config.shards} has {what}, and --schedule plateau lowers the rate only when "
@@ -237,21 +239,31 @@ def check_run(config, processes: int, resume: bool) -> None:
 @main.command("eval")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--ten-crop", is_flag=True, help="Average the softmax of the paper's 10 crops (else the centre crop).")
-@click.option("--shards", type=click.Path(file_okay=False), help="Shard folder.  [default: the run's own]")
+@click.option("--shards", type=click.Path(file_okay=False),
+              help="Shard folder.  [default: the run's own; for a weights-only file $IMGPREP_SHARDS, else ./shards]")
 @click.option("--batch-size", default=128, show_default=True, help="Images per step over all processes.")
 @click.option("--workers", default=4, show_default=True, help="Loader workers per process.")
-@click.option("--backend", type=click.Choice(["dali", "torch"]), help="Loader backend.  [default: dali if installed]")
+@click.option("--backend", type=click.Choice(BACKENDS), help="Loader backend.  [default: dali if installed]")
+@click.option("--arch", help="The network of a weights-only file (e.g. torchvision's alexnet weights: alexnet-owt).")
+@click.option("--normalize", type=click.Choice(NORMALIZE),
+              help="Input normalisation.  [default: the run's own; torchvision for a weights-only file]")
 @processes_options
 @report_errors
-def evaluate(checkpoint, ten_crop, shards, batch_size, workers, backend, device, gpus, nproc):
-    """Top-1 and top-5 of CHECKPOINT over the whole validation split."""
+def evaluate(checkpoint, ten_crop, shards, batch_size, workers, backend, arch, normalize, device, gpus, nproc):
+    """Top-1 and top-5 of CHECKPOINT over the whole validation split.
+
+    CHECKPOINT is a train checkpoint (last.pt, best.pt), or published weights: a plain
+    state_dict such as torchvision's model files, with --arch naming the network. Those are
+    taken to be over the shards' classes in index order (ImageNet's sorted wnids, as
+    torchvision's) and to expect torchvision's input normalisation."""
     from train.loop import evaluate_checkpoint
 
+    from augment.sampler import per_rank_batch
+
     device, processes = resolve_processes(device, gpus, nproc)
-    if batch_size % world_size(processes):
-        raise click.ClickException(f"--batch-size {batch_size} does not divide over {world_size(processes)} processes")
+    per_rank_batch(batch_size, world_size(processes))
     result = launch(evaluate_checkpoint, (str(checkpoint), shards, ten_crop, batch_size,
-                                          device, workers, backend), processes)
+                                          device, workers, backend, arch, normalize), processes)
     views = "10 crops" if ten_crop else "centre crop"
     click.echo(f"{checkpoint}: val top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
                f"loss {result['loss']:.4f}  over {result['count']:,} images ({views})")

@@ -32,13 +32,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from augment import AugmentSpec, Loader
+from augment import Loader
+from augment.colour import colour_stats
+from augment.sampler import per_rank_batch
 from prep.atomic import no_space
 from prep.errors import ImgprepError
+from prep import shards_folder
 from prep.lifeline import sigterm_as_interrupt
 from prep.shards import open_shards
 from train import dist
-from train.checkpoint import BEST, LAST, load_checkpoint, provenance, restore_rng_states, rng_states, save_checkpoint
+from train.checkpoint import (BEST, LAST, load_checkpoint, load_for_eval, provenance, restore_rng_states, rng_states,
+                              save_checkpoint)
 from train.config import TrainConfig
 from train.metrics import append_metrics, plot_curves, read_metrics, rewrite_metrics
 from train.models import build_model
@@ -94,21 +98,21 @@ def worker(config: TrainConfig, resume: bool) -> dict:
 
 def make_loaders(config: TrainConfig, context: dist.Context, loaders: contextlib.ExitStack, eval_mode: str = "val",
                  train: bool = True):
-    """(train loader or None, validation loader or None) for this rank, each closed by ``loaders``."""
-    if config.batch_size % context.world_size:
-        raise TrainingError(f"--batch-size {config.batch_size} does not divide over {context.world_size} processes")
-    per_rank = config.batch_size // context.world_size
+    """(train loader or None, validation loader or None) for this rank, each closed by ``loaders``.
+    The shard folder is opened, and its colour statistics read, once for both."""
+    per_rank = per_rank_batch(config.batch_size, context.world_size)
     layout = "NHWC" if config.channels_last else "NCHW"  # NHWC permuted to NCHW is channels-last memory
-    common = dict(backend=config.backend, device=context.device.type, rank=context.rank,
-                  world_size=context.world_size, seed=config.seed, workers=config.workers)
-    train_spec = AugmentSpec(mode="train", crop=config.crop, lighting=config.lighting, normalize=config.normalize,
-                             layout=layout, crop_mode=config.crop_mode)
-    train_loader = loaders.enter_context(Loader(config.shards, "train", per_rank, train_spec, **common)) if train else None
-    val = None
     shard_set = open_shards(config.shards)
+    colour = colour_stats(shard_set.root, config.augment_spec("train" if train else eval_mode))
+    common = dict(backend=config.backend, device=context.device.type, rank=context.rank,
+                  world_size=context.world_size, seed=config.seed, workers=config.workers, colour=colour)
+    train_loader = None
+    if train:
+        train_loader = loaders.enter_context(
+            Loader(shard_set, "train", per_rank, config.augment_spec("train", layout), **common))
+    val = None
     if "val" in shard_set.splits and len(shard_set.split("val")):
-        val_spec = AugmentSpec(mode=eval_mode, crop=config.crop, lighting=0, normalize=config.normalize, layout=layout)
-        val = loaders.enter_context(Loader(config.shards, "val", per_rank, val_spec, **common))
+        val = loaders.enter_context(Loader(shard_set, "val", per_rank, config.augment_spec(eval_mode, layout), **common))
     return train_loader, val
 
 
@@ -163,7 +167,7 @@ def run(config: TrainConfig, resume: bool, context: dist.Context, stop: StopSign
     stop = stop or StopSignals()
     with contextlib.ExitStack() as loaders:
         train_loader, val_loader = make_loaders(config, context, loaders)
-        classes = open_shards(config.shards).classes
+        classes = train_loader.shard_set.classes
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model = build_model(config.arch, len(classes)).to(context.device)
         if config.channels_last:
@@ -390,28 +394,49 @@ def print_summary(config, context, model, train_loader, val_loader, start_epoch,
 
 
 def evaluate_checkpoint(path, shards: str | None, ten_crop: bool, batch_size: int, device: str, workers: int,
-                        backend: str | None) -> dict:
+                        backend: str | None, arch: str | None = None, normalize: str | None = None) -> dict:
     """Each process of ``train eval``: the checkpoint's model on the whole validation split.
     An evaluation has nothing to save: SIGTERM and SIGUSR1 end it as Ctrl-C does."""
     with sigterm_as_interrupt(signal.SIGTERM, signal.SIGUSR1):
         if dist.early_stop():
             raise KeyboardInterrupt
-        return evaluate_on_val(path, shards, ten_crop, batch_size, device, workers, backend)
+        return evaluate_on_val(path, shards, ten_crop, batch_size, device, workers, backend, arch, normalize)
 
 
-def evaluate_on_val(path, shards, ten_crop: bool, batch_size: int, device: str, workers: int, backend) -> dict:
+def evaluate_on_val(path, shards, ten_crop: bool, batch_size: int, device: str, workers: int, backend,
+                    arch: str | None = None, normalize: str | None = None) -> dict:
+    """A train checkpoint evaluates with its own run's config (``normalize`` may override it).
+    Published weights (a plain state_dict, as torchvision's files) need ``arch``; they are taken
+    to be over the shards' classes in index order (ImageNet-1k's sorted wnids for torchvision's)
+    and to expect torchvision's input normalisation unless ``normalize`` says otherwise."""
     context = dist.setup(device)
-    state = load_checkpoint(path)
-    config = TrainConfig.from_dict(state["config"]).with_(
-        shards=shards or state["config"]["shards"], batch_size=batch_size, device=device, workers=workers,
-        backend=backend, channels_last=False, compile=False)
-    check_same_classes(state["classes"], open_shards(config.shards).classes, path, config.shards)
+    state = load_for_eval(path)
+    run = dict(batch_size=batch_size, device=device, workers=workers, backend=backend, channels_last=False,
+               compile=False)
+    if "config" in state:
+        config = TrainConfig.from_dict(state["config"]).with_(shards=shards or state["config"]["shards"], **run)
+        config = config.with_(normalize=normalize) if normalize else config
+    elif arch is None:
+        raise TrainingError(f"{path} holds weights only, without the run that made them: name the network with "
+                            "--arch (e.g. --arch alexnet-owt for torchvision's alexnet weights)")
+    else:
+        config = TrainConfig(arch=arch, shards=str(shards_folder(shards)), normalize=normalize or "torchvision",
+                             lighting=0, **run)
     with contextlib.ExitStack() as loaders:
         _, val = make_loaders(config, context, loaders, eval_mode="test10" if ten_crop else "val", train=False)
         if val is None:
             raise TrainingError(f"{config.shards} has no val split to evaluate on")
-        model = build_model(config.arch, len(state["classes"])).to(context.device)
-        model.load_state_dict(state["model"])
+        classes = val.shard_set.classes
+        if "classes" in state:
+            check_same_classes(state["classes"], classes, path, config.shards)
+        model = build_model(config.arch, len(classes)).to(context.device)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as error:  # missing or unexpected keys, other shapes
+            lines = str(error).splitlines()
+            reason = lines[1].strip() if len(lines) > 1 else lines[0]
+            raise TrainingError(f"the weights in {path} do not fit --arch {config.arch} with {len(classes)} "
+                                f"classes: {reason}") from None
         result = evaluate(model, val, config, context)
     dist.teardown()
     return result
