@@ -241,11 +241,11 @@ def verify(shards):
     """
     from tqdm import tqdm
 
-    from prep.shards import read_manifest, sha256_file
+    from prep.shards import read_manifest, sha256_file, shard_entries
 
     root = shards_folder(shards)
     manifest = read_manifest(root)
-    entries = [e for s in manifest["splits"].values() for e in s["shards"]]
+    entries = shard_entries(manifest)
     present = [e for e in entries if (root / e["file"]).is_file()]
     problems = [f"missing: {root / e['file']}" for e in entries if e not in present]
     total = sum((root / e["file"]).stat().st_size for e in present)

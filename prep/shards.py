@@ -83,6 +83,13 @@ def write_manifest(root, manifest: dict) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
+def shard_entries(manifest: dict, split: str | None = None) -> list[dict]:
+    """The manifest's shard entries ({file, count, sha256}) of ``split``, or of every split in
+    manifest order."""
+    splits = [split] if split is not None else list(manifest["splits"])
+    return [entry for name in splits for entry in manifest["splits"][name]["shards"]]
+
+
 def read_manifest(root) -> dict:
     """The manifest of a shard folder, after checking it is ours and a version we read."""
     path = Path(root) / MANIFEST
@@ -187,7 +194,7 @@ class SplitReader:
         self.split = split
         self.size = shard_set.size
         self.encoding = shard_set.encoding
-        entries = shard_set.manifest["splits"][split]["shards"]
+        entries = shard_entries(shard_set.manifest, split)
         self.files = [entry["file"] for entry in entries]
         self.starts = [0, *itertools.accumulate(int(e["count"]) for e in entries)]
         allow_open_files(len(self.files) + 64)

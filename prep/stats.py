@@ -38,7 +38,7 @@ import numpy as np
 from prep.atomic import atomic_path, atomic_write_text, locked_folder, no_space
 from prep.errors import OutputError, PrepError, ShardFormatError
 from prep.pool import WorkerDied, WorkerPool
-from prep.shards import MANIFEST, MEAN_IMAGE, STATS, ShardFile, open_shards, read_manifest
+from prep.shards import MANIFEST, MEAN_IMAGE, STATS, ShardFile, open_shards, read_manifest, shard_entries
 
 STATS_FORMAT = "imgprep-stats"
 FLUSH_EVERY = 1 << 16  # images: uint32 per-position sums hold 2^32 / 255 > 16 M images; flush far earlier
@@ -155,7 +155,7 @@ def _compute_stats(root: Path, split: str, workers: int, sample, seed: int, prog
     manifest_hash = manifest_sha256(root)  # of the manifest as it is now, not as it may be at the end
     shard_set = open_shards(root)
     reader = shard_set.split(split)
-    counts = [e["count"] for e in shard_set.manifest["splits"][split]["shards"]]
+    counts = [e["count"] for e in shard_entries(shard_set.manifest, split)]
     if not sum(counts):
         raise ShardFormatError(f"split '{split}' of {root} has no images")
     subsets = sample_indices(counts, sample, seed)

@@ -55,11 +55,11 @@ def copy_floor(root: Path, batch_size: int, samples: int, seed: int) -> float:
     array: h5py finds each image's byte offset once, then a plain memory copy per image."""
     import h5py
 
-    from prep.shards import read_manifest
+    from prep.shards import read_manifest, shard_entries
 
     manifest = read_manifest(root)
     maps, offsets = [], []
-    for entry in manifest["splits"]["train"]["shards"]:
+    for entry in shard_entries(manifest, "train"):
         path = root / entry["file"]
         with h5py.File(path, "r") as f:
             images = f["images"]
