@@ -83,6 +83,18 @@ def write_manifest(root, manifest: dict) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
+def read_document(path: Path, document_format: str, error, what: str, hint: str = "") -> dict:
+    """The JSON object in ``path`` whose "format" is ``document_format``, else ``error`` saying
+    the file is not valid JSON or not ``what``; ``hint`` ends either message."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as failure:
+        raise error(f"{path} is not valid JSON ({failure}){hint}") from None
+    if not isinstance(document, dict) or document.get("format") != document_format:
+        raise error(f"{path} is not {what} (format is not '{document_format}'){hint}")
+    return document
+
+
 def shard_entries(manifest: dict, split: str | None = None) -> list[dict]:
     """The manifest's shard entries ({file, count, sha256}) of ``split``, or of every split in
     manifest order."""
@@ -97,12 +109,7 @@ def read_manifest(root) -> dict:
         raise ShardFormatError(f"shard folder {root} does not exist (make one with 'imgprep shard SRC')")
     if not path.is_file():
         raise ShardFormatError(f"{root} is not a shard folder: it has no {MANIFEST} (make one with 'imgprep shard SRC')")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ShardFormatError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ShardFormatError(f"{path} is not an imgprep manifest (format is not '{MANIFEST_FORMAT}')")
+    manifest = read_document(path, MANIFEST_FORMAT, ShardFormatError, "an imgprep manifest")
     if manifest.get("version") != VERSION:
         raise ShardFormatError(
             f"{path} has format version {manifest.get('version')}; this imgprep reads version {VERSION}"

@@ -38,7 +38,8 @@ import numpy as np
 from prep.atomic import atomic_path, atomic_write_text, locked_folder, no_space
 from prep.errors import OutputError, PrepError, ShardFormatError
 from prep.pool import WorkerDied, WorkerPool
-from prep.shards import MANIFEST, MEAN_IMAGE, STATS, ShardFile, open_shards, read_manifest, shard_entries
+from prep.shards import (MANIFEST, MEAN_IMAGE, STATS, ShardFile, open_shards, read_document, read_manifest,
+                         shard_entries)
 
 STATS_FORMAT = "imgprep-stats"
 FLUSH_EVERY = 1 << 16  # images: uint32 per-position sums hold 2^32 / 255 > 16 M images; flush far earlier
@@ -208,12 +209,7 @@ def load_stats(root, with_mean_image: bool = False) -> dict:
     if not path.is_file():
         raise ShardFormatError(f"{root} has no {STATS}: run 'imgprep pca-stats {root}'")
     again = f"run 'imgprep pca-stats {root}' again"
-    try:
-        stats = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise InvalidStatsError(f"{path} is not valid JSON ({error}): {again}") from None
-    if not isinstance(stats, dict) or stats.get("format") != STATS_FORMAT:
-        raise InvalidStatsError(f"{path} is not an imgprep statistics file")
+    stats = read_document(path, STATS_FORMAT, InvalidStatsError, "an imgprep statistics file", f": {again}")
     problem = stats_problem(stats)
     if problem:
         raise InvalidStatsError(f"{path} is damaged ({problem}): {again}")
