@@ -290,11 +290,8 @@ class SplitReader:
         """Labels (int64) of ``indices``, from the shard files that hold them (a worker reading
         their images has them open already), without reading every file's labels."""
         file_nos, locals_ = self.locate_many(indices)
-        out = np.empty(len(file_nos), dtype=np.int64)
-        for file_no in np.unique(file_nos).tolist():
-            where = file_nos == file_no
-            out[where] = self.shard_file(file_no).labels[locals_[where]]
-        return out
+        pairs = zip(file_nos.tolist(), locals_.tolist())  # a batch spans many files: one lookup a sample
+        return np.fromiter((self.shard_file(f).labels[i] for f, i in pairs), dtype=np.int64, count=len(file_nos))
 
     def close(self) -> None:
         for shard in self._open.values():
