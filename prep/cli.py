@@ -71,6 +71,11 @@ def shard(src, out, size, policy, encoding, quality, shard_size, seed, max_pixel
       SRC/ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, ILSVRC2012_devkit_t12.tar.gz
           (read in place, never extracted; validation labels from the devkit)
       SRC/ILSVRC/Data/CLS-LOC/{train,val} with SRC/LOC_val_solution.csv (Kaggle)
+      SRC/data/{train,validation}-NNNNN-of-NNNNN.parquet (Hugging Face datasets, read in
+          place; the unlabelled test split is skipped)
+      SRC/*-train-*.tar and SRC/*-validation-*.tar (webdataset: KEY.jpg + KEY.cls)
+      SRC/train_images_N.tar.gz and val_images.tar.gz (Hugging Face's ImageNet archives:
+          decompressed once into OUT/.partial, which needs their size free meanwhile)
     Class names come from SRC/LOC_synset_mapping.txt, synset_words.txt or words.txt (or the
     devkit) if present.
 

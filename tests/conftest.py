@@ -1,5 +1,5 @@
-"""Shared fixtures: a generated ImageNet-shaped tree, its shards and their statistics. Helpers
-that tests import live in helpers.py."""
+"""Shared fixtures: a generated ImageNet-shaped tree, its shards and their statistics; tests
+marked ``gpu`` skip themselves without a CUDA GPU. Helpers that tests import live in helpers.py."""
 
 from __future__ import annotations
 
@@ -11,10 +11,32 @@ from helpers import run_cli
 from tools.fake_imagenet import make_fake_imagenet
 
 
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked ``gpu`` when torch sees no CUDA GPU; torch is imported only when
+    such a test was collected, so a run of the others does not pay for it here."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="marked gpu: needs a CUDA GPU, and torch.cuda.is_available() is false")
+        for item in gpu_tests:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def fake_src(tmp_path_factory):
     """4 classes x (12 train + 4 val) JPEGs, plus every awkward file in train/n01440764."""
     return make_fake_imagenet(tmp_path_factory.mktemp("fake") / "src", large_fraction=0.1)
+
+
+@pytest.fixture(scope="session")
+def flat_tree(tmp_path_factory):
+    """A small extracted tree with a flat val/ and val_labels.txt (3 classes x (6 train + 3 val)):
+    the tree every other source layout is built from, and compared with, in tests."""
+    return make_fake_imagenet(tmp_path_factory.mktemp("tree") / "src", classes=3, train_per_class=6,
+                              val_per_class=3, flat_val=True, awkward=False, large_fraction=0)
 
 
 @pytest.fixture(scope="session")

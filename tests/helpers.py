@@ -1,18 +1,18 @@
-"""What tests share besides fixtures: running the CLI and commands, an independent image
-reference, and checks that no process outlives a test."""
+"""What tests share besides fixtures: running the CLI and commands, hashes of shard files, and
+checks that no process outlives a test. The independent image reference (Pillow's Lanczos and
+PSNR) is tools/reference.py, which the benchmarks use too."""
 
 from __future__ import annotations
 
-import io
+import hashlib
 import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 
 def run_cli(args):
@@ -21,23 +21,20 @@ def run_cli(args):
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+def shard_into(source, out, *extra) -> dict:
+    """``imgprep shard SOURCE --out OUT`` in small shards of 5 (``extra`` adds options); it must
+    succeed. Returns the manifest."""
+    import json
+
+    result = run_cli(["shard", str(source), "--out", str(out), "--shard-size", "5", "--quiet", *map(str, extra)])
+    assert result.exit_code == 0, result.output
+    return json.loads((Path(out) / "manifest.json").read_text())
 
 
-def pil_reference(data: bytes, size: int = 256, policy: str = "crop") -> np.ndarray:
-    """Independent reference: Pillow full decode, antialiased Lanczos resize, central crop."""
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    width, height = image.size
-    if policy == "squash":
-        return np.asarray(image.resize((size, size), Image.LANCZOS))
-    if width >= height:
-        new_w, new_h = round(width * size / height), size
-    else:
-        new_w, new_h = size, round(height * size / width)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return np.asarray(image.resize((new_w, new_h), Image.LANCZOS).crop((left, top, left + size, top + size)))
+def shard_hashes(root: Path) -> dict:
+    """SHA-256 of every shard file of a folder, by path relative to it."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).glob("*/*.h5"))}
 
 
 # ----------------------------------------------------------------------------- processes

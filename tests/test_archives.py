@@ -1,34 +1,23 @@
 """Sharding straight from ILSVRC-2012-style archives and from Kaggle's layout."""
 
-import hashlib
 import json
 import tarfile
-from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
-from tools.fake_imagenet import make_fake_imagenet
+from helpers import run_cli, shard_hashes, shard_into
 from tools.source_layouts import add_file, tar_bytes
 from tools.source_layouts import ilsvrc_archives as make_archives
 
+pytestmark = pytest.mark.timeout(300)  # shard jobs start worker processes
+
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    """An extracted tree: 3 classes, flat val with a labels file."""
-    return make_fake_imagenet(tmp_path_factory.mktemp("tree") / "src", classes=3, train_per_class=6,
-                              val_per_class=3, flat_val=True, awkward=False, large_fraction=0)
+def tree(flat_tree):
+    return flat_tree
 
 
-def shard_hashes(root: Path) -> dict:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.glob("*/*.h5"))}
-
-
-def shard(source, out, *extra):
-    result = run_cli(["shard", str(source), "--out", str(out), "--shard-size", "5", "--quiet", *extra])
-    assert result.exit_code == 0, result.output
-    return json.loads((out / "manifest.json").read_text())
+shard = shard_into
 
 
 def test_archives_give_the_same_shards_as_the_extracted_tree(tree, tmp_path):

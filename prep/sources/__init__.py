@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prep.sources import ilsvrc, tree
+from prep.sources import hf_archives, hf_parquet, ilsvrc, tree, webdataset
 from prep.sources.common import SPLITS, ClassInfo, Dataset, Reject, read_val_labels
 from prep.sources.tree import TreeReader, scan_tree
 
@@ -19,6 +19,9 @@ from prep.sources.tree import TreeReader, scan_tree
 LAYOUTS = (
     ("ILSVRC-2012 archives", ilsvrc.is_ilsvrc_archive, ilsvrc.scan_archives),
     ("Kaggle ILSVRC folder", tree.is_kaggle, tree.scan_kaggle),
+    ("Hugging Face parquet", hf_parquet.is_hf_parquet, hf_parquet.scan_parquet),
+    ("webdataset tars", webdataset.is_webdataset, webdataset.scan_webdataset),
+    ("Hugging Face ImageNet archives", hf_archives.is_hf_archives, hf_archives.scan_hf_archives),
 )
 
 __all__ = ["SPLITS", "ClassInfo", "Dataset", "Reject", "TreeReader", "read_val_labels", "scan_source", "scan_tree"]

@@ -21,34 +21,17 @@ from __future__ import annotations
 import io
 import tarfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from prep.errors import BadImage, SourceError
-from prep.sources.common import (Dataset, Reject, file_too_large, is_image_name, is_utf8, label_flat_files,
-                                 make_classes, not_an_image, printable, read_class_names, read_val_labels)
+from prep.errors import SourceError
+from prep.sources.common import (Dataset, Reject, is_utf8, label_flat_files, make_classes, printable, read_class_names,
+                                 read_val_labels)
+from prep.sources.tars import ArchiveReader, image_member_problem, last_of_each_name, list_members
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
 DEVKIT_HINT = f"download {DEVKIT} again, or remove it and give --val-labels FILE"
-DUPLICATE = "duplicate member name: a later member of the same name replaces this one"
-
-
-@dataclass(frozen=True)
-class ArchiveReader:
-    """Reads one image from its archive by the offset the scan recorded; picklable."""
-
-    archives: dict  # split -> absolute path of its tar
-    index: dict  # key -> (split, byte offset of the member's data, size in bytes)
-
-    def read(self, key: str, max_bytes: int) -> bytes:
-        split, offset, size = self.index[key]
-        if size > max_bytes:  # refused before reading a byte of it
-            raise BadImage(file_too_large(size, max_bytes))
-        with open(self.archives[split], "rb") as f:
-            f.seek(offset)
-            return f.read(size)
 
 
 class _Window(io.RawIOBase):
@@ -90,7 +73,7 @@ def scan_archives(root: Path, val_labels=None) -> Dataset:
     with open(root / TRAIN_TAR, "rb") as f:
         try:
             outer = tarfile.open(fileobj=f, mode="r:")
-            for member in _last_of_each_name(outer.getmembers(), "train", "train/", rejects):
+            for member in last_of_each_name(outer.getmembers(), "train", "train/", rejects):
                 _index_class_tar(f, member, index, rejects, items_by_wnid)
         except tarfile.TarError as error:
             raise SourceError(f"{root / TRAIN_TAR} is not a readable tar: {error}") from None
@@ -118,15 +101,10 @@ def _index_class_tar(f, member, index, rejects, items_by_wnid) -> None:
         return
     wnid = name.stem
     keys = items_by_wnid.setdefault(wnid, [])
-    images, error = [], None
-    try:  # the images listed before any damage are kept
-        for image in tarfile.open(fileobj=_Window(f, member.offset_data, member.size), mode="r:"):
-            images.append(image)
-    except tarfile.TarError as failure:
-        error = failure
-    for image in _last_of_each_name(images, "train", f"train/{wnid}/", rejects):
+    images, error = list_members(_Window(f, member.offset_data, member.size))  # those before any damage are kept
+    for image in last_of_each_name(images, "train", f"train/{wnid}/", rejects):
         key = f"train/{wnid}/{printable(image.name)}"
-        reason = _member_problem(image)
+        reason = image_member_problem(image, "a per-class tar")
         if reason:
             rejects.append(Reject("train", key, reason))
         else:
@@ -136,50 +114,15 @@ def _index_class_tar(f, member, index, rejects, items_by_wnid) -> None:
         rejects.append(Reject("train", f"train/{member.name}", f"unreadable per-class tar: {error}"))
 
 
-def _last_of_each_name(members: list, split: str, prefix: str, rejects: list) -> list:
-    """``members`` less those that a later member of the same name replaces; each is a reject.
-
-    A tar may hold one name twice (``tar -r`` appends an updated file). Extraction keeps the
-    last, and so do we: an archive and its extracted tree give the same shards, and no member is
-    dropped without a word.
-    """
-    last = {m.name: m for m in members if not m.isdir()}
-    kept = []
-    for member in members:
-        if member.isdir() or last[member.name] is member:
-            kept.append(member)
-        else:
-            rejects.append(Reject(split, f"{prefix}{printable(member.name)}", DUPLICATE))
-    return kept
-
-
-def _member_problem(member) -> str | None:
-    """Why a member cannot be an image, or None. Names are only checked, never used as paths."""
-    path = PurePosixPath(member.name)
-    if member.isdir():
-        return "a folder inside a per-class tar"
-    if not member.isfile() or member.issparse():  # a sparse member's bytes are not where offset says
-        return "not a regular file (link, device or sparse file)"
-    if path.is_absolute() or ".." in path.parts:
-        return "unsafe member name"
-    if not is_utf8(member.name):  # keys are UTF-8 in the shards; tar names are any bytes
-        return "file name is not valid UTF-8"
-    if path.suffix.lower() == ".tar":
-        return "a nested archive inside a per-class tar; not read"
-    if not is_image_name(member.name):
-        return not_an_image(member.name)
-    return None
-
-
 def _scan_val(root, val_labels, devkit, classes, index, rejects) -> tuple:
     """The flat validation archive, labelled by --val-labels or by the devkit."""
     members = []
     with open(root / VAL_TAR, "rb") as f:
         try:
             listed = tarfile.open(fileobj=f, mode="r:").getmembers()
-            for member in _last_of_each_name(listed, "val", "val/", rejects):
+            for member in last_of_each_name(listed, "val", "val/", rejects):
                 key = f"val/{printable(member.name)}"
-                reason = _member_problem(member) if not member.isdir() else None
+                reason = image_member_problem(member, "the validation tar") if not member.isdir() else None
                 if reason:
                     rejects.append(Reject("val", key, reason))
                 elif member.isfile():
