@@ -1,8 +1,10 @@
 """augment: the maths against numpy, DALI against the torch reference, epochs across ranks,
 resume, and the error cases."""
 
+import hashlib
 import json
 import warnings
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from prep.stats import StaleStatsError, load_stats
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="DALI is not installed")
 BACKENDS = [pytest.param("dali", marks=needs_dali), "torch"]
+pytestmark = pytest.mark.timeout(300)  # loaders start worker processes
 
 
 def collect(loader, epoch=0):
@@ -147,27 +150,43 @@ def test_dali_jpeg_shards_decode_on_cpu(fake_src, tmp_path):
         assert (a - b).abs().mean() < 1.0  # libjpeg-turbo in both; DALI may use another IDCT
 
 
+def sample_ids(images, labels) -> list[tuple[str, int]]:
+    """What each sample of a batch is, whatever the rank that yields it: (digest of its pixels,
+    label). With a window of the whole image, no lighting and no normalisation, an image is the
+    stored one or its mirror, and both give the same digest. (Some fake images are equal.)"""
+    ids = []
+    for image, label in zip(images, labels.tolist()):
+        pixels = np.asarray(image).round().astype(np.uint8)
+        ids.append((min(hashlib.sha256(pixels.tobytes()).hexdigest(),
+                        hashlib.sha256(pixels[:, ::-1].tobytes()).hexdigest()), label))
+    return ids
+
+
+def yielded_ids(loader, epoch=0) -> list[tuple[str, int]]:
+    return [i for images, labels in collect(loader, epoch) for i in sample_ids(images, labels)]
+
+
+def stored_ids(reader, indices) -> list[tuple[str, int]]:
+    indices = list(indices)
+    return sample_ids([reader[i][0] for i in indices], reader.labels[indices])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_two_ranks_cover_an_epoch(stats_shards, backend):
-    n_train = len(open_shards(stats_shards).split("train"))
-    spec = AugmentSpec(normalize="none", layout="NHWC")
+def test_ranks_yield_disjoint_samples_that_cover_the_split(stats_shards, backend):
+    whole = dict(crop=256, lighting=0, normalize="none", layout="NHWC")  # images that name their sample
+    train, val = open_shards(stats_shards).split("train"), open_shards(stats_shards).split("val")
     seen = []
     for rank in (0, 1):
-        loader = Loader(stats_shards, "train", 4, spec, backend=backend, device="cpu", rank=rank, world_size=2,
-                        workers=1, seed=2)
-        assert len(loader) == n_train // 8
-        seen.append(np.concatenate([rank_samples(n_train, 4, rank, 2, True, 2, 0)]))
-        assert sum(len(labels) for _, labels in collect(loader)) == len(loader) * 4
-    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(seen[1])
-    assert len(set(seen[0]) | set(seen[1])) > n_train - 8  # only the remainder is dropped
-    val = {}
-    for rank in (0, 1):
-        loader = Loader(stats_shards, "val", 3, AugmentSpec(mode="val"), backend=backend, device="cpu", rank=rank,
-                        world_size=2, workers=1)
-        val[rank] = torch.cat([labels for _, labels in collect(loader)])
-    reader = open_shards(stats_shards).split("val")
-    expected = sorted(reader.labels.tolist())
-    assert sorted(val[0].tolist() + val[1].tolist()) == expected  # every sample exactly once
+        with Loader(stats_shards, "train", 4, AugmentSpec(**whole), backend=backend, device="cpu", rank=rank,
+                    world_size=2, workers=1, seed=2) as loader:
+            seen.append(yielded_ids(loader, epoch=1))
+    assert len(seen[0]) == len(seen[1]) == len(train) // 8 * 4  # only the remainder is dropped
+    assert not Counter(seen[0]) + Counter(seen[1]) - Counter(stored_ids(train, range(len(train))))  # disjoint
+    # Evaluation: every sample exactly once over the ranks, rank r taking r, r + world, ...
+    for rank in (0, 1, 2):
+        with Loader(stats_shards, "val", 3, AugmentSpec(mode="val", **whole), backend=backend, device="cpu",
+                    rank=rank, world_size=3, workers=1) as loader:
+            assert yielded_ids(loader) == stored_ids(val, range(rank, len(val), 3))
 
 
 def test_sampler_arithmetic():
@@ -213,7 +232,7 @@ def test_normalize_none_returns_the_0_255_maths(stats_shards):
     params = sample_params(spec, 256, 9, 2, indices)
     sources = np.stack([loader.reader[int(i)][0] for i in indices])
     np.testing.assert_allclose(images.numpy(), numpy_reference(sources, params, loader.colour, spec), atol=1e-4)
-    assert labels.tolist() == loader.labels[indices].tolist()
+    assert labels.tolist() == loader.reader.labels[indices].tolist()
 
 
 def test_errors_are_one_clear_line(stats_shards, fresh_copy, monkeypatch):
@@ -221,7 +240,7 @@ def test_errors_are_one_clear_line(stats_shards, fresh_copy, monkeypatch):
         Loader(stats_shards, backend="tf", device="cpu")
     with pytest.raises(ShardFormatError, match="has no split 'test'"):
         Loader(stats_shards, "test", device="cpu", backend="torch")
-    with pytest.raises(AugmentError, match="batch size 999 x 1 ranks does not fit split 'train' of 60 images"):
+    with pytest.raises(AugmentError, match="batch size 999 is larger than the 60 images of split 'train'"):
         Loader(stats_shards, "train", 999, AugmentSpec(), device="cpu", backend="torch")
     assert len(Loader(stats_shards, "val", 999, AugmentSpec(mode="val"), device="cpu", backend="torch")) == 1
     if not torch.cuda.is_available():
@@ -259,7 +278,6 @@ def test_statistics_rules(stats_shards, fresh_copy):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_matches_cpu(stats_shards, backend):
     spec = AugmentSpec()
@@ -271,7 +289,7 @@ def test_cuda_matches_cpu(stats_shards, backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and dali_available()), reason="needs a CUDA GPU and DALI")
+@needs_dali
 def test_cuda_jpeg_shards_use_the_mixed_decoder(fake_src, tmp_path):
     from helpers import run_cli
 
@@ -332,3 +350,15 @@ def test_random_resized_backends_match_the_reference(stats_shards, backend):
         assert difference.mean() < 0.5, float(difference.mean())  # uint8 rounding alone averages 0.25
         if backend == "torch":
             assert difference.max() <= 1.0 + 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torchvision_normalisation_is_its_published_constants(stats_shards, backend):
+    # What torchvision's weights expect: ToTensor (x / 255), then Normalize with these numbers.
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    spec = AugmentSpec(mode="val", crop=224, normalize="torchvision", layout="NHWC")
+    with Loader(stats_shards, "val", 4, spec, backend=backend, device="cpu", workers=1) as loader:
+        images, _ = next(iter(loader))
+        sources = np.stack([loader.reader[i][0] for i in range(4)])
+    window = sources[:, 16:240, 16:240].astype(np.float64)  # the central 224 window of 256
+    np.testing.assert_allclose(images.numpy(), (window / 255 - mean) / std, atol=1e-4)

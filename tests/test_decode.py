@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import pil_reference, psnr
 from prep.decode import decode_resize, output_geometry
 from prep.errors import BadImage
 from tools.fake_imagenet import awkward_files, class_image, jpeg_bytes
+from tools.reference import lanczos_reference, psnr
 
 CAP = 100_000_000
 
@@ -56,7 +56,7 @@ def test_squash_keeps_the_whole_picture():
 def test_jpeg_matches_pillow_lanczos(width, height):
     pixels = class_image(np.random.default_rng(width), 1, 4, width, height)
     data = jpeg_bytes(pixels, 90)
-    assert psnr(decode_resize(data, 256, "crop", CAP), pil_reference(data)) > 35
+    assert psnr(decode_resize(data, 256, "crop", CAP), lanczos_reference(data)) > 35
 
 
 @pytest.mark.parametrize("width,height", [(2400, 1800), (1200, 1600)])
@@ -64,19 +64,19 @@ def test_large_jpeg_dct_reduced_path_keeps_quality(width, height):
     # Reduced 2x or 4x in the DCT domain before resampling; quality must stay close to Lanczos.
     pixels = class_image(np.random.default_rng(7), 2, 4, width, height)
     data = jpeg_bytes(pixels, 90)
-    assert psnr(decode_resize(data, 256, "crop", CAP), pil_reference(data)) > 33
+    assert psnr(decode_resize(data, 256, "crop", CAP), lanczos_reference(data)) > 33
 
 
 def test_squash_matches_pillow_lanczos():
     data = jpeg_bytes(class_image(np.random.default_rng(3), 0, 4, 500, 375), 90)
-    assert psnr(decode_resize(data, 224, "squash", CAP), pil_reference(data, 224, "squash")) > 35
+    assert psnr(decode_resize(data, 224, "squash", CAP), lanczos_reference(data, 224, "squash")) > 35
 
 
 @pytest.mark.parametrize("name", ["cmyk.JPEG", "palette.png", "alpha.png", "progressive.JPEG", "png_named.JPEG",
                                   "upper_case.JPG"])
 def test_awkward_files_match_pillow(awkward, name):
     data = awkward[name]
-    assert psnr(decode_resize(data, 256, "crop", CAP), pil_reference(data)) > 33
+    assert psnr(decode_resize(data, 256, "crop", CAP), lanczos_reference(data)) > 33
 
 
 @pytest.mark.parametrize("name", ["no_eoi.JPEG", "extraneous.JPEG"])
@@ -138,7 +138,7 @@ def test_thin_strips_are_cut_to_their_centre_first():
     # 2000 x 100 (20:1): resized whole it would be 5120 x 256; its central 4:1 part gives the
     # same central window (to half a pixel), so it still matches Pillow's full resize.
     pixels = class_image(np.random.default_rng(5), 3, 4, 2000, 100)
-    assert psnr(decode_resize(png(pixels), 256, "crop", CAP), pil_reference(png(pixels))) > 30
+    assert psnr(decode_resize(png(pixels), 256, "crop", CAP), lanczos_reference(png(pixels))) > 30
     strip = png(np.full((1, 100_000, 3), 77, np.uint8))  # 1 x 100,000: gigabytes if resized whole
     assert (decode_resize(strip, 256, "crop", CAP) == 77).all()
 

@@ -49,6 +49,7 @@ def slow_src(tmp_path_factory):
                               val_per_class=4, awkward=False, large_fraction=0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_killed_shard_job_leaves_no_worker_and_no_lock_and_resumes_identically(slow_src, tmp_path, kill):
     clean = tmp_path / "clean"
@@ -116,7 +117,7 @@ def test_damaged_checkpoints_are_one_line_on_resume_and_eval(trained, tmp_path, 
     elif damage == "pickled object":
         torch.save({"model": Payload()}, last)
     else:
-        torch.save({"weights": torch.zeros(3)}, last)
+        torch.save({"weights": torch.zeros(3), "step": 7}, last)  # not bare weights either (see test_train)
     expected = {"empty": "is empty", "truncated": "is damaged", "garbage": "is damaged",
                 "pickled object": "refusing to load it", "not ours": "is not a train checkpoint"}[damage]
     for result in (train_cli("run", "--resume", run, "--device", "cpu"), train_cli("eval", last, "--device", "cpu")):
@@ -150,6 +151,7 @@ def test_train_eval_refuses_shards_of_another_class_list(trained, tmp_path):
         one_line_error(result, "was trained on other classes", phrase)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_folder_is_refused(stats_shards, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "train", "run", str(stats_shards), "--arch", "tiny_models:tiny",
@@ -209,6 +211,7 @@ def test_a_crop_the_model_cannot_take_is_one_line(stats_shards, tmp_path):
     one_line_error(result, "--arch alexnet cannot take 1 x 1 inputs", "use a larger --crop")
 
 
+@pytest.mark.slow
 def test_checkpoint_minutes_saves_mid_epoch_so_a_kill_loses_little(stats_shards, tmp_path):
     # Batch 2: 30 steps an epoch, checked every 10; a clock of 0.001 min saves at each check.
     args = ["run", stats_shards, "--arch", "tiny_models:tiny_dropout", "--epochs", 3, "--device", "cpu",
@@ -381,6 +384,7 @@ def fill(disk: Path, leave_bytes: int) -> None:
         f.write(b"\0" * max(0, free - leave_bytes))
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_shard_job_with_one_line_and_it_resumes_after(fake_src, small_disk, tmp_path):
     disk, resize = small_disk
     clean = tmp_path / "clean"
@@ -417,6 +421,7 @@ def test_a_full_disk_stops_training_with_one_line_and_keeps_the_last_checkpoint(
     assert (out / "last.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_loader_workers_die_with_a_killed_parent_even_before_their_first_batch(stats_shards, tmp_path, backend):
     # Eight workers and one batch taken: some workers have not run a batch yet when the
@@ -449,6 +454,7 @@ def children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_a_stop_signal_while_the_ranks_start_still_stops_the_run_in_order(stats_shards, tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "train", "run", str(stats_shards), "--arch", "tiny_models:tiny",

@@ -101,6 +101,7 @@ def test_build_model_by_name_and_import_path():
         build_model("nowhere.mod:net", 10)
 
 
+@pytest.mark.slow
 def test_overfits_one_small_batch():
     # Dropout off so that the batch can be memorised; Adam because the point is that gradients
     # reach every layer, not the paper's slow start (its N(0, 0.01) init, see the README).

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(120)  # the entry points run as processes
 
 
 @pytest.mark.parametrize("name", ["prep", "augment", "train", "tools"])

@@ -19,7 +19,7 @@ import torch
 from augment.loader import dali_available
 from helpers import assert_group_ends, living_members, run_command
 
-pytestmark = [pytest.mark.skipif(not dali_available(), reason="the default backend needs DALI"),
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not dali_available(), reason="the default backend needs DALI"),
               pytest.mark.timeout(600)]
 
 TESTS = Path(__file__).resolve().parent

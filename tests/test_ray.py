@@ -1,7 +1,6 @@
 """``imgprep shard --engine ray``: the same bytes as the local engine, and Ray's retries when a
 worker dies mid-task."""
 
-import hashlib
 import os
 import signal
 import sys
@@ -11,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from helpers import run_cli, shard_hashes
 from tools.fake_imagenet import make_fake_imagenet
 
 ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a local Ray cluster starts
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,8 @@ def local_ray():
 
 
 def digest(root: Path) -> dict:
-    files = sorted(root.glob("*/*.h5")) + [root / "manifest.json", root / "rejects.jsonl"]
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    """The shard files' hashes, the manifest and the rejects."""
+    return {**shard_hashes(root), **{name: (root / name).read_text() for name in ("manifest.json", "rejects.jsonl")}}
 
 
 def test_ray_engine_writes_the_local_engines_bytes(local_ray, fake_src, shards, tmp_path):

@@ -7,9 +7,11 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import pil_reference, psnr
 from prep.errors import ShardFormatError
 from prep.shards import open_shards
+from tools.reference import lanczos_reference, psnr
+
+pytestmark = pytest.mark.timeout(120)  # a reader is used across a fork
 
 
 def test_lengths_classes_and_labels(shards):
@@ -21,6 +23,8 @@ def test_lengths_classes_and_labels(shards):
     labels = val.labels
     assert labels.dtype == np.int64 and sorted(np.bincount(labels).tolist()) == [4, 4, 4, 4]
     assert [val[i][1] for i in range(len(val))] == labels.tolist()
+    indices = np.array([15, 0, 3, 3, 12, 7])  # any order, repeats, across shard files
+    assert val.labels_of(indices).tolist() == [val[int(i)][1] for i in indices]
 
 
 def test_images_by_global_index_match_their_source(shards, fake_src):
@@ -33,7 +37,7 @@ def test_images_by_global_index_match_their_source(shards, fake_src):
         assert image.shape == (256, 256, 3) and image.dtype == np.uint8
         assert label == wnid_index[key.split("/")[1]]
         if key.endswith(".JPEG") and (fake_src / key).read_bytes()[:3] == b"\xff\xd8\xff":
-            assert psnr(image, pil_reference((fake_src / key).read_bytes())) > 35
+            assert psnr(image, lanczos_reference((fake_src / key).read_bytes())) > 35
 
 
 def _label_in_child(index):

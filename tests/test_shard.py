@@ -13,18 +13,15 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import run_cli
+from helpers import run_cli, shard_hashes
 from tools.fake_imagenet import AWKWARD, make_fake_imagenet
 
 FIRST = "train/n01440764"
+pytestmark = pytest.mark.timeout(300)  # shard jobs start worker processes
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def shard_hashes(root: Path) -> dict:
-    return {p.relative_to(root).as_posix(): sha256(p) for p in sorted(root.glob("*/*.h5"))}
 
 
 def test_manifest_follows_the_contract(shards, fake_src):
@@ -87,7 +84,7 @@ def test_same_input_same_bytes_whatever_the_worker_count(shards, fake_src, tmp_p
 
 
 def test_jpeg_encoding(fake_src, tmp_path):
-    from helpers import psnr
+    from tools.reference import psnr
     from prep.shards import open_shards
 
     out = tmp_path / "jpeg"
@@ -220,6 +217,8 @@ def wait_for_group_exit(group: int, timeout=30.0):
     raise AssertionError("worker processes outlived the run")
 
 
+@pytest.mark.timeout(120)  # it runs the job three times
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_run_resumes_to_identical_output(tmp_path, sig):
     src = make_fake_imagenet(tmp_path / "src", classes=4, train_per_class=20, val_per_class=2, awkward=False,

@@ -12,6 +12,8 @@ from helpers import run_cli
 from prep.errors import ShardFormatError
 from prep.stats import StaleStatsError, compute_stats, load_stats
 
+pytestmark = pytest.mark.timeout(300)  # pca-stats starts worker processes
+
 
 def all_pixels(root, split="train") -> np.ndarray:
     """Every image of a split straight from the .h5 files: the independent reference."""

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(300)  # shard jobs and loader workers run
 
 
 def test_bench_stats_runs(tmp_path):
@@ -22,6 +23,7 @@ def test_bench_stats_runs(tmp_path):
     assert "imgprep pca-stats, 1 worker" in (tmp_path / "t.md").read_text()
 
 
+@pytest.mark.slow
 def test_bench_train_runs(tmp_path, monkeypatch):
     from tools.bench_train import main
 
@@ -42,6 +44,7 @@ def test_bench_feed_runs_and_ends_with_its_line(tmp_path):
     assert re.fullmatch(r"feed vs copy floor: dali (\d+\.\d\dx|n/a), torch \d+\.\d\dx", last), last
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
     # The GPU machine's time goes to measuring: the script's logic is checked here first.

@@ -16,11 +16,12 @@ from click.testing import CliRunner
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 FAST = ["--device", "cpu", "--backend", "torch", "--workers", "0", "--batch-size", "8"]
+pytestmark = pytest.mark.timeout(600)  # runs start processes: a hang must fail, not block
 
 
 def train(*args, check=True):
     result = subprocess.run([sys.executable, "-m", "train", *map(str, args)], capture_output=True, text=True, env=ENV,
-                            timeout=600)
+                            timeout=300)
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -36,6 +37,7 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_run_writes_checkpoints_metrics_and_curves(stats_shards, tmp_path):
     out = tmp_path / "run"
     result = train("run", stats_shards, "--arch", "tiny_models:tiny", "--epochs", "2", *FAST, "--out", out)
@@ -53,6 +55,7 @@ def test_run_writes_checkpoints_metrics_and_curves(stats_shards, tmp_path):
     assert len(state["rng"]) == 1 and state["classes"][0]["wnid"] == "n01440764"
 
 
+@pytest.mark.slow
 def test_one_process_and_two_gloo_processes_train_the_same_weights(stats_shards, tmp_path):
     # The same global batches (the sampler cuts each global batch across ranks) and DDP's
     # gradient average give the same SGD steps; the tiny model has no dropout.
@@ -65,6 +68,7 @@ def test_one_process_and_two_gloo_processes_train_the_same_weights(stats_shards,
         torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(stats_shards, tmp_path):
     args = ["run", stats_shards, "--arch", "tiny_models:tiny_dropout", "--epochs", "4", *FAST]
     train(*args, "--out", tmp_path / "whole")
@@ -86,6 +90,7 @@ def test_killed_run_resumes_to_the_same_weights(stats_shards, tmp_path):
     assert epochs == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_eval_counts_every_val_image_once_with_two_processes(stats_shards, tmp_path):
     out = tmp_path / "run"
     train("run", stats_shards, "--arch", "tiny_models:tiny", "--epochs", "1", *FAST, "--out", out)
@@ -96,6 +101,7 @@ def test_eval_counts_every_val_image_once_with_two_processes(stats_shards, tmp_p
         assert ("10 crops" in result.stdout) == bool(extra)
 
 
+@pytest.mark.slow
 def test_random_resized_crops_and_eval_with_a_batch_larger_than_the_training_split(stats_shards, tmp_path):
     out = tmp_path / "run"
     # Random-resized crops make the default normalisation per-channel, even for the paper's AlexNet.
@@ -106,6 +112,7 @@ def test_random_resized_crops_and_eval_with_a_batch_larger_than_the_training_spl
     assert "over 16 images" in result.stdout  # --batch-size 128 > the 60 training images: eval needs none
 
 
+@pytest.mark.slow
 def test_a_run_without_validation_keeps_its_lowest_loss_as_best(tmp_path):
     from helpers import run_cli as imgprep
     from prep.stats import compute_stats
@@ -120,6 +127,7 @@ def test_a_run_without_validation_keeps_its_lowest_loss_as_best(tmp_path):
     assert "val top-1" not in result.stdout and (tmp_path / "run" / "best.pt").is_file()
 
 
+@pytest.mark.slow
 def test_diverging_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(stats_shards, tmp_path):
     out = tmp_path / "run"
     # The model turns its output into NaN from its 9th training step: the second epoch.
@@ -137,7 +145,7 @@ def test_diverging_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(s
     (["run", "{shards}", "--device", "cpu", "--nproc", "3", "--batch-size", "8"], "does not divide over 3 processes"),
     (["run", "{shards}", "--device", "cpu", "--arch", "nope"], "unknown --arch 'nope': use alexnet, alexnet-owt"),
     (["run", "{shards}", "--gpus", "64"], "--gpus 64, but this machine has"),
-    (["run", "{shards}", "--device", "cpu", "--batch-size", "1000"], "larger than the 60 training images"),
+    (["run", "{shards}", "--device", "cpu", "--batch-size", "1000"], "batch size 1000 is larger than the 60 images of split 'train'"),
     (["run", "{shards}", "--device", "cpu", "--batch-size", "8", "--lighting", "-1"], "lighting must not be negative"),
     (["run", "{shards}", "--device", "cpu", "--batch-size", "8", "--crop-mode", "random-resized", "--normalize",
       "mean-image"], "use --normalize channel"),
@@ -162,6 +170,7 @@ def test_statistics_errors_name_the_command(fresh_copy, stats_shards, tmp_path):
     assert result.exit_code == 1 and "was computed from other shards" in result.output
 
 
+@pytest.mark.slow
 def test_existing_run_and_resume_changes_are_refused(stats_shards, tmp_path):
     out = tmp_path / "run"
     train("run", stats_shards, "--arch", "tiny_models:tiny", "--epochs", "1", *FAST, "--out", out)
@@ -169,3 +178,64 @@ def test_existing_run_and_resume_changes_are_refused(stats_shards, tmp_path):
     assert result.exit_code == 1 and f"already holds a run: continue it with --resume {out}" in result.output
     result = invoke("run", "--resume", out, "--device", "cpu", "--lr", "0.5")
     assert result.exit_code == 1 and "only --epochs, --workers, --backend, --checkpoint-minutes may change (not lr)" in result.output
+
+
+# ----------------------------------------------------------------------------- the recipe, stated once
+
+def test_the_defaults_are_the_papers_recipe():
+    from train.config import TrainConfig
+
+    config = TrainConfig()
+    # Krizhevsky et al. 2012, section 5: batch 128, momentum 0.9, weight decay 0.0005, lr 0.01
+    # divided by 10 when validation error stops improving, about 90 epochs; section 4.1: 224
+    # windows of the 256 images, mirrors, PCA lighting of std 0.1; the mean image subtracted.
+    assert (config.arch, config.batch_size, config.momentum, config.weight_decay, config.lr) == \
+        ("alexnet", 128, 0.9, 5e-4, 0.01)
+    assert (config.schedule, config.epochs, config.crop, config.crop_mode, config.lighting) == \
+        ("plateau", 90, 224, "paper", 0.1)
+    assert config.normalize == "mean-image" and config.no_bias_decay and config.out == "runs/alexnet"
+    # the derived rule: other networks and crops get per-channel normalisation
+    assert TrainConfig(arch="alexnet-owt").normalize == "channel"
+    assert TrainConfig(crop_mode="random-resized").normalize == "channel"
+    assert TrainConfig(arch="pkg.nets:net").out == "runs/pkg-nets-net"
+    spec = TrainConfig().augment_spec("val")
+    assert (spec.mode, spec.lighting, spec.normalize, spec.crop) == ("val", 0, "mean-image", 224)
+
+
+@pytest.mark.parametrize("no_bias_decay", [True, False])
+def test_biases_skip_weight_decay_as_in_cuda_convnet(no_bias_decay):
+    from train.config import TrainConfig
+    from train.loop import make_optimizer
+    from train.models import build_model
+
+    model = build_model("alexnet", 10)
+    groups = make_optimizer(model, TrainConfig(no_bias_decay=no_bias_decay)).param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] == 5e-4 for p in g["params"]}
+    biases = [p for name, p in model.named_parameters() if name.endswith(".bias")]
+    weights_ = [p for name, p in model.named_parameters() if name.endswith(".weight")]
+    assert len(biases) == 8 and all(id(p) in decayed for p in weights_)
+    assert all((id(p) in decayed) != no_bias_decay for p in biases)
+
+
+def test_help_shows_the_configs_defaults():
+    text = " ".join(invoke("run", "--help").output.split())  # unwrapped
+    assert "[default: 0.0005]" in text and "[default: plateau]" in text and "[default: 90]" in text
+
+
+@pytest.mark.slow
+def test_published_weights_evaluate_like_the_checkpoint_they_came_from(stats_shards, tmp_path):
+    # A run trained with torchvision's normalisation; its bare state_dict is what a published
+    # weights file is. Both evaluate to the same numbers.
+    out = tmp_path / "run"
+    train("run", stats_shards, "--arch", "tiny_models:tiny", "--epochs", 1, *FAST, "--normalize", "torchvision",
+          "--out", out)
+    bare = tmp_path / "weights.pth"
+    torch.save(torch.load(out / "last.pt", weights_only=True)["model"], bare)
+    common = ["--device", "cpu", "--backend", "torch", "--workers", "0", "--batch-size", "8"]
+    from_run = train("eval", out / "last.pt", *common).stdout.split(": val ")[1]
+    from_weights = train("eval", bare, "--arch", "tiny_models:tiny", "--shards", stats_shards, *common)
+    assert from_weights.stdout.split(": val ")[1] == from_run
+    without_arch = train("eval", bare, "--shards", stats_shards, *common, check=False)
+    assert without_arch.returncode == 1 and "name the network with --arch" in without_arch.stderr
+    wrong = train("eval", bare, "--arch", "alexnet-owt", "--shards", stats_shards, *common, check=False)
+    assert wrong.returncode == 1 and "do not fit --arch alexnet-owt with 4 classes" in wrong.stderr

@@ -25,26 +25,31 @@ from tools.benchkit import report
 SIZE = 256
 
 
-def synthetic_shards(root: Path, images: int, shard_size: int, seed: int = 0) -> Path:
-    """A valid raw shard folder of ``images`` random 256x256 images in one 'train' split."""
-    from prep.shards import MANIFEST_FORMAT, VERSION, sha256_file, write_manifest, write_shard
+class NoiseReader:
+    """A source held nowhere: image ``key`` is SIZE x SIZE pixels of seeded noise, handed over
+    as an uncompressed PPM (decoding it costs next to nothing). Picklable, as workers need."""
 
-    rng = np.random.default_rng(seed)
-    shards = []
-    for index, start in enumerate(range(0, images, shard_size)):
-        n = min(shard_size, images - start)
-        file = f"train/train-{index:05d}.h5"
-        (root / "train").mkdir(parents=True, exist_ok=True)
-        pixels = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
-        write_shard(root / file, "train", SIZE, "raw", np.zeros(n, np.int16), [f"k{start + i}" for i in range(n)], pixels)
-        shards.append({"file": file, "count": n, "sha256": sha256_file(root / file)})
-    write_manifest(root, {
-        "format": MANIFEST_FORMAT, "version": VERSION, "tool": "bench", "source": "synthetic",
-        "options": {"size": SIZE, "policy": "crop", "encoding": "raw", "quality": 90, "shard_size": shard_size,
-                    "seed": seed, "max_pixels": 0},
-        "plan_sha256": "", "classes": [{"index": 0, "wnid": "n0", "name": ""}],
-        "splits": {"train": {"count": images, "rejected": 0, "shards": shards}}, "rejected": 0,
-    })
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def read(self, key: str, max_bytes: int) -> bytes:
+        rng = np.random.default_rng([self.seed, int(key.rsplit("/", 1)[1].split(".")[0])])
+        return f"P6 {SIZE} {SIZE} 255\n".encode() + rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8).tobytes()
+
+
+def synthetic_shards(root: Path, images: int, shard_size: int, seed: int = 0) -> Path:
+    """A raw shard folder of ``images`` noise images at SIZE in one 'train' split, written by the
+    real shard job (so its format is whatever ``imgprep shard`` writes)."""
+    from prep.job import run_shard_job
+    from prep.plan import ShardOptions
+    from prep.pool import usable_cores
+    from prep.sources import ClassInfo, Dataset
+
+    dataset = Dataset(root="synthetic noise", classes=(ClassInfo(0, "n00000000", "noise"),),
+                      splits={"train": tuple((f"train/n00000000/{i:07d}.ppm", 0) for i in range(images))},
+                      reader=NoiseReader(seed))
+    run_shard_job(dataset, root, ShardOptions(size=SIZE, shard_size=shard_size, seed=seed), usable_cores(),
+                  progress=False)
     return root
 
 
