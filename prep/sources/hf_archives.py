@@ -66,9 +66,7 @@ def scan_hf_archives(root: Path, val_labels=None) -> Dataset:
     refuse_val_labels(root, val_labels, "its archives name each image's class")
     index, rejects, found, gzips = {}, [], {"train": {}, "val": {}}, {}
     files = archive_files(root)
-    # minutes for ImageNet (a pass of inflating): a bar on a terminal, nothing in logs and tests
-    with _bar(sum(path.stat().st_size for _, path in files), "list", enabled=None) as bar:
-        listed = [(split, path, *_stream_members(path, bar)) for split, path in files]
+    listed = _list_archives(files)
     for split, path, members, tar_size in listed:
         gzips[path.name] = (str(path), tar_size)
         for member in last_of_each_name(members, split, f"{path.name}/", rejects):
@@ -87,20 +85,38 @@ def scan_hf_archives(root: Path, val_labels=None) -> Dataset:
     return Dataset(str(root), classes, splits, tuple(rejects), StagedArchives({}, index, gzips))
 
 
-def _stream_members(path: Path, bar) -> tuple[list, int]:
+def _list_archives(files: list) -> list:
+    """(split, path, members, size of the tar inside) of each archive, listed in parallel (one
+    process an archive, up to a process a core): inflating is CPU work, minutes for ImageNet."""
+    from prep.pool import WorkerDied, WorkerPool, usable_cores
+
+    listed = {}
+    with WorkerPool(min(len(files), usable_cores())) as pool:
+        results = pool.run(_stream_members, [path for _, path in files])
+        # a bar on a terminal (after the fork: tqdm runs a thread), nothing in logs and tests
+        with _bar(sum(path.stat().st_size for _, path in files), "list", enabled=None) as bar:
+            try:
+                for path, members_and_size in results:
+                    listed[path] = members_and_size
+                    bar.update(path.stat().st_size)
+            except WorkerDied as death:
+                raise SourceError(f"a process died while listing {' or '.join(map(str, death.tasks))} "
+                                  "(out of memory?)") from None
+    return [(split, path, *listed[path]) for split, path in files]
+
+
+def _stream_members(path: Path) -> tuple[list, int]:
     """The members of a gzip'd tar, listed by streaming it once, and the size of the tar inside.
-    Offsets are in the uncompressed tar; ``bar`` counts the compressed bytes read. Damage of any
-    kind is one error naming the file: unlike a plain tar, nothing after it can be found."""
-    members, seen = [], 0
+    Offsets are in the uncompressed tar. Damage of any kind is one error naming the file: unlike
+    a plain tar, nothing after it can be found."""
+    members = []
     try:
         with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as stream:
             for member in tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK):
+                member.tarfile = None  # the open archive stays here: the member goes back to the parent
                 members.append(member)
-                bar.update(raw.tell() - seen)
-                seen = raw.tell()
             while stream.read(CHUNK):  # past the end-of-archive blocks: the whole size, and gzip's CRC check
                 pass
-            bar.update(raw.tell() - seen)
             return members, stream.tell()
     except (OSError, EOFError, zlib.error, tarfile.TarError) as error:  # OSError: BadGzipFile, or the disk
         raise SourceError(f"{path} cannot be read as a gzip'd tar ({error or type(error).__name__}); {HINT}") from None
