@@ -16,6 +16,7 @@ import click
 
 from prep import DEFAULT_SHARDS, SHARDS_ENV, __version__, shards_folder
 from prep.errors import report_errors
+from prep.plan import ENCODINGS, ENGINES, POLICIES
 
 
 
@@ -37,10 +38,10 @@ def main():
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), envvar=SHARDS_ENV,
               default=DEFAULT_SHARDS, show_default=True, show_envvar=True, help="Output folder.")
 @click.option("--size", default=256, show_default=True, help="Output side in pixels.")
-@click.option("--policy", type=click.Choice(["crop", "squash"]), default="crop", show_default=True,
+@click.option("--policy", type=click.Choice(POLICIES), default="crop", show_default=True,
               help="crop: shorter side to SIZE, then the central SIZE x SIZE (the paper). "
                    "squash: both sides to SIZE, aspect ratio lost (Caffe's warp).")
-@click.option("--encoding", type=click.Choice(["raw", "jpeg"]), default="raw", show_default=True,
+@click.option("--encoding", type=click.Choice(ENCODINGS), default="raw", show_default=True,
               help="raw: uint8 pixels (~192 KiB an image at 256; fastest to read). "
                    "jpeg: re-encoded at --quality (~10x smaller; decoded when read).")
 @click.option("--quality", default=90, show_default=True, help="JPEG quality 1-100 for --encoding jpeg.")
@@ -51,7 +52,7 @@ def main():
 @click.option("--workers", default=None, type=int, help="Processes.  [default: all cores]")
 @click.option("--val-labels", type=click.Path(dir_okay=False, path_type=Path),
               help="Labels for a flat SRC/val: lines 'filename wnid', or a CSV with those two columns.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
               help="local: a process pool of --workers. ray: the same tasks on a Ray cluster (pip install "
                    "'imgprep[ray]'); every worker must see SRC and --out at the same paths.")
 @click.option("--ray-address", help="Ray cluster to join ('auto': the running one; default: start a local one).")

@@ -7,7 +7,7 @@ changed source is refused unless ``overwrite``. The manifest is written last, th
 is removed: a folder with a manifest is complete.
 
 A source's reader may need work done once before any task reads it: its optional
-``prepare(out, workers, progress)`` runs under the folder's lock, when tasks remain (Hugging
+``prepare(journal, workers, progress)`` runs under the folder's lock, when tasks remain (Hugging
 Face's gzip'd archives are decompressed into the journal there, and go with it).
 """
 
@@ -64,7 +64,7 @@ def run_shard_job(dataset: Dataset, out, options: ShardOptions, workers: int, ov
         pending = [t for t in tasks if (t.split, t.index) not in done]
         prepare = getattr(dataset.reader, "prepare", None)  # a source's work before any task reads it
         if pending and prepare:
-            prepare(out, workers, progress)  # e.g. gzip'd tars decompressed once into the journal
+            prepare(out / JOURNAL, workers, progress)  # e.g. gzip'd tars decompressed once into the journal
         total = sum(len(t.items) for t in tasks)
         bar_start = total - sum(len(t.items) for t in pending)
         execute = run_local if engine == "local" else functools.partial(run_ray, address=ray_address)

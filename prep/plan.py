@@ -35,6 +35,7 @@ from prep.sources import Dataset
 
 POLICIES = ("crop", "squash")
 ENCODINGS = ("raw", "jpeg")
+ENGINES = ("local", "ray")  # who runs the tasks (prep.engines)
 
 
 @dataclass(frozen=True)

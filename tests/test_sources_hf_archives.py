@@ -107,7 +107,7 @@ def test_bad_members_are_rejected_with_their_reason(tree, tmp_path):
 @pytest.mark.timeout(120)
 def test_an_interrupted_run_resumes_from_its_staged_tars(archives, from_archives, tmp_path):
     out = tmp_path / "out"
-    scan_source(archives).reader.prepare(out, 1, False)  # as if a run stopped after decompressing
+    scan_source(archives).reader.prepare(out / ".partial", 1, False)  # as if a run stopped after decompressing
     staged = out / ".partial" / "staged"
     (staged / "val_images.tar").unlink()  # ... all but one archive,
     (staged / "val_images.tar.tmp-0123456789ab").write_bytes(b"half a tar")  # whose copy was half written
@@ -156,7 +156,7 @@ def test_an_archive_damaged_after_the_scan_is_one_error_naming_it(archives, tmp_
     data[len(data) // 2] ^= 0xFF
     (source / "val_images.tar.gz").write_bytes(bytes(data))
     with pytest.raises(SourceError, match=r"val_images\.tar\.gz cannot be decompressed \(.+\); download it again"):
-        reader.prepare(tmp_path / "out", 2, False)
+        reader.prepare(tmp_path / "out" / ".partial", 2, False)
 
 
 def test_staging_needs_room_for_the_tars(archives, tmp_path, monkeypatch):

@@ -131,11 +131,10 @@ class StagedArchives(ArchiveReader):
 
     gzips: dict = field(default_factory=dict)  # archive name -> (path of the .tar.gz, bytes of the tar inside)
 
-    def prepare(self, out: Path, workers: int, progress: bool) -> None:
-        """Called by the job under OUT's lock before any task reads: decompress into the journal."""
-        from prep.build import JOURNAL  # here, not at the top: prep.build imports prep.sources
-
-        self.archives.update(stage_archives(self.gzips, Path(out) / JOURNAL / "staged", workers, progress))
+    def prepare(self, journal: Path, workers: int, progress: bool) -> None:
+        """Called by the job under OUT's lock before any task reads: decompress into ``journal``
+        (OUT/.partial, removed with the staged tars when the run completes)."""
+        self.archives.update(stage_archives(self.gzips, Path(journal) / "staged", workers, progress))
 
 
 def stage_archives(gzips: dict, folder: Path, workers: int, progress: bool) -> dict:
