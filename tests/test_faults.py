@@ -442,15 +442,21 @@ def test_loader_workers_die_with_a_killed_parent_even_before_their_first_batch(s
     assert_group_ends(process.pid)
 
 
-def children(pid: int) -> list[int]:
+def ranks_of(pid: int) -> list[int]:
+    """The rank processes the launcher ``pid`` has started (multiprocessing's spawn children). Not
+    any child: Python itself runs `uname -p` while the launcher imports its libraries, before it
+    listens for SIGTERM, and a signal then ends it as it ends any program that is starting."""
     found = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry))
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                spawned = b"spawn_main" in f.read()
         except (OSError, ValueError):
-            pass
+            continue
+        if parent == pid and spawned:
+            found.append(int(entry))
     return found
 
 
@@ -462,7 +468,7 @@ def test_a_stop_signal_while_the_ranks_start_still_stops_the_run_in_order(stats_
                                 "--batch-size", "8", "--out", str(out)], env=ENV, start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not children(process.pid):  # the launcher has started the ranks; they are still starting up
+    while not ranks_of(process.pid):  # the launcher has started the ranks; they are still starting up
         assert process.poll() is None and time.time() < deadline
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGTERM)
