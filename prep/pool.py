@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -41,6 +42,7 @@ class WorkerDied(Exception):
         self.tasks = tasks
 
 
+STARTING_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # blocked from fork until a worker has its handlers
 _table = None  # in a worker: the shared table of (pid, task, stopped) rows
 _row = -1  # in a worker: its row of the table
 COLUMNS = 3
@@ -62,9 +64,13 @@ def _start_worker(table, rows, parent_pid: int, initializer, initargs) -> None:
         _row, rows.value = rows.value, rows.value + 1
     _table = table
     table[COLUMNS * _row] = os.getpid()
-    # The parent may turn SIGTERM into KeyboardInterrupt (a clean stop); a worker inherits that
-    # handler, but must simply end when the parent stops it (terminate()), mid-write or not.
+    # The parent may turn SIGTERM into KeyboardInterrupt (a clean stop) or note it and go on (a
+    # training run); a worker inherits that handler, but must simply end when the parent stops it
+    # (terminate()), mid-write or not. The signals were blocked since the fork (see
+    # WorkerPool.run): one sent meanwhile is delivered now, to these handlers.
     signal.signal(signal.SIGTERM, _note_stop)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STARTING_SIGNALS)
     if initializer is not None:
         initializer(*initargs)
 
@@ -104,7 +110,16 @@ class WorkerPool:
                                             initializer=_start_worker,
                                             initargs=(table, multiprocessing.Value("i", 0), os.getpid(),
                                                       self.initializer, self.initargs))
-        futures = {self.executor.submit(_run, function, n, task): n for n, task in enumerate(tasks)}
+        # The workers are forked by the first submit, with this thread's signal mask: block the
+        # signals whose handlers they replace, or one arriving before they have (an early stop)
+        # would run this process's handler in them.
+        blocking = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STARTING_SIGNALS) if blocking else None
+        try:
+            futures = {self.executor.submit(_run, function, n, task): n for n, task in enumerate(tasks)}
+        finally:
+            if blocking:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         return self._results(futures, tasks, table, poll, every)
 
     def _results(self, futures, tasks, table, poll, every):

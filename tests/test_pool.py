@@ -82,3 +82,39 @@ def test_a_dead_pca_stats_worker_names_its_shard_and_nothing_is_written(fresh_co
     with pytest.raises(PrepError, match=f"a pca-stats worker process died while reading {victim} "):
         prep.stats.compute_stats(fresh_copy, workers=2, progress=False)
     assert not (fresh_copy / "stats.json").exists() and not children()
+
+
+FIRST = "/tmp/imgprep-test-pool-first-{}"  # made by the first worker to start (per test run)
+
+
+def second_starts_slowly(parent_pid: int) -> None:
+    """The first worker starts at once; the others are still starting 1 s later."""
+    try:
+        os.close(os.open(FIRST.format(parent_pid), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        time.sleep(1)
+
+
+@pytest.mark.timeout(60)
+def test_workers_stopped_while_they_start_end_even_if_the_parent_notes_sigterm(monkeypatch):
+    # A training run notes SIGTERM and goes on; forked workers inherit that handler until they
+    # set their own. Here one worker is idle (holding the task queue's lock) and the other still
+    # starting when the parent stops: the first dies holding the lock, so the second, had it
+    # only noted the SIGTERM, would wait for that lock for ever, and so would shutdown.
+    import signal
+
+    import prep.pool
+
+    monkeypatch.setattr(prep.pool, "die_with_parent", second_starts_slowly)
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: None)
+    try:
+        with pytest.raises(RuntimeError):
+            with WorkerPool(2) as pool:
+                pool.run(square_or_die, [4, 6])
+                time.sleep(0.5)  # the first worker has done both tasks and waits for more
+                raise RuntimeError("the parent stops early")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if os.path.exists(FIRST.format(os.getpid())):
+            os.unlink(FIRST.format(os.getpid()))
+    assert not children()
