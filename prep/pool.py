@@ -16,6 +16,7 @@ gone, the worker that died is the one mid-task that was never told to stop.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
@@ -139,10 +140,30 @@ class WorkerPool:
         if self.executor is None:
             return
         if kind is not None:  # workers ignore SIGINT and would finish their task first
-            for process in list((getattr(self.executor, "_processes", None) or {}).values()):
-                process.terminate()
+            _stop_workers(self.executor)
         # shutdown joins the workers: none is left holding the folder lock
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop_workers(executor, seconds: float = 10) -> None:
+    """End the workers of ``executor`` now (SIGTERM, then SIGKILL after ``seconds``).
+
+    A worker ended while it was sending its result leaves half a message in the result pipe, and
+    the executor's thread, reading it, would wait for the rest for ever (and shutdown with it):
+    once the workers are gone, this process closes its own copy of the pipe's writing end, so
+    that read ends instead (the executor then counts the pool as broken, which it is)."""
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    for process in processes:
+        process.terminate()
+    waiting, deadline = {p.sentinel: p for p in processes}, time.monotonic() + seconds
+    while waiting and time.monotonic() < deadline:
+        for sentinel in multiprocessing.connection.wait(list(waiting), deadline - time.monotonic()):
+            waiting.pop(sentinel)
+    for process in waiting.values():
+        process.kill()
+    writer = getattr(getattr(executor, "_result_queue", None), "_writer", None)
+    if writer is not None:
+        writer.close()
 
 
 def _suspects(table, tasks, seconds: float = 10) -> list:

@@ -118,3 +118,20 @@ def test_workers_stopped_while_they_start_end_even_if_the_parent_notes_sigterm(m
         if os.path.exists(FIRST.format(os.getpid())):
             os.unlink(FIRST.format(os.getpid()))
     assert not children()
+
+
+@pytest.mark.timeout(60)
+def test_a_result_cut_short_by_a_stop_does_not_hang_the_pool():
+    # A worker ended while sending its result leaves a length and part of the bytes in the
+    # result pipe; the executor's thread reads them and waits for the rest. Here the parent
+    # writes such a half message itself: the length of 1 MiB, then nothing.
+    import struct
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeError):
+        with WorkerPool(1) as pool:
+            pool.run(sleep_long, [1])
+            pool.executor._result_queue._writer._send(struct.pack("!i", 1 << 20))
+            time.sleep(0.5)  # the executor's thread is reading it now
+            raise RuntimeError("the parent stops early")
+    assert time.monotonic() - started < 30 and not children()
