@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from prep.errors import BadImage, SourceError
-from prep.sources.common import MAX_CLASSES, ClassInfo, Dataset, Reject
-from prep.sources.imagenet1k import CLASSES as IMAGENET_CLASSES
-from prep.sources.imagenet1k import imagenet1k_wnids
+from prep.sources.common import ClassInfo, Dataset, Reject
+from prep.sources.imagenet1k import numbered_classes
 
 FILE_NAME = re.compile(r"(train|validation|test)-(\d{5,})-of-(\d{5,})(-[0-9a-f]+)?\.parquet")
 SPLIT_OF = {"train": "train", "validation": "val", "test": "test"}  # file name -> our split
@@ -276,12 +275,7 @@ def _classes(scans: dict[str, FileScan], labelled: dict[str, list[str]], root: P
         names = [str(i) for i in range(max((label for label in labels if label is not None), default=-1) + 1)]
     if not names:
         raise SourceError(f"{root} has no classes: no ClassLabel names and no label of 0 or more")
-    if len(names) > MAX_CLASSES:
-        raise SourceError(f"{root} has {len(names)} classes; at most {MAX_CLASSES} fit int16 labels")
-    if len(names) == IMAGENET_CLASSES:  # ImageNet-1k: labels follow the sorted wnids, as our indices do
-        wnids = imagenet1k_wnids()
-        return tuple(ClassInfo(i, wnids[i], "" if name == str(i) else name) for i, name in enumerate(names))
-    return tuple(ClassInfo(i, name, "") for i, name in enumerate(names))
+    return numbered_classes(list(names), {}, root)
 
 
 def _label_rows(split: str, rels: list[str], scans: dict[str, FileScan], classes: int,

@@ -24,9 +24,8 @@ import re
 from pathlib import Path, PurePosixPath
 
 from prep.errors import SourceError
-from prep.sources.common import MAX_CLASSES, ClassInfo, Dataset, Reject, printable, read_class_names
-from prep.sources.imagenet1k import CLASSES as IMAGENET1K_CLASSES
-from prep.sources.imagenet1k import imagenet1k_wnids
+from prep.sources.common import MAX_CLASSES, Dataset, Reject, printable, read_class_names
+from prep.sources.imagenet1k import numbered_classes
 from prep.sources.tars import (ArchiveReader, holds_training_tars, last_of_each_name, list_members, member_problem,
                                refuse_val_labels, split_files)
 
@@ -65,15 +64,9 @@ def scan_webdataset(root: Path, val_labels=None) -> Dataset:
     labels = [label for items in splits.values() for _, label in items]
     if not labels:
         raise SourceError(f"no sample of the webdataset tars in {root} has both an image and a label (.cls)")
-    classes = _integer_classes(max(labels) + 1, read_class_names(root))
+    classes = numbered_classes([str(i) for i in range(max(labels) + 1)], read_class_names(root), root)
     return Dataset(str(root), classes, {s: tuple(sorted(items)) for s, items in splits.items()}, tuple(rejects),
                    ArchiveReader(archives, index))
-
-
-def _integer_classes(count: int, names: dict) -> tuple[ClassInfo, ...]:
-    """Classes 0..count-1: ImageNet-1k's wnids for 1000 of them, else each index as its wnid."""
-    wnids = imagenet1k_wnids() if count == IMAGENET1K_CLASSES else [str(i) for i in range(count)]
-    return tuple(ClassInfo(i, wnid, names.get(wnid, "")) for i, wnid in enumerate(wnids))
 
 
 def _scan_tar(path: Path, split: str, rejects: list):
