@@ -231,7 +231,7 @@ def test_published_weights_evaluate_like_the_checkpoint_they_came_from(stats_sha
           "--out", out)
     bare = tmp_path / "weights.pth"
     torch.save(torch.load(out / "last.pt", weights_only=True)["model"], bare)
-    common = ["--device", "cpu", "--backend", "torch", "--workers", "0", "--batch-size", "8"]
+    common = ["--device", "cpu", "--workers", "2", "--batch-size", "8"]  # the default loader: DALI, workers
     from_run = train("eval", out / "last.pt", *common).stdout.split(": val ")[1]
     from_weights = train("eval", bare, "--arch", "tiny_models:tiny", "--shards", stats_shards, *common)
     assert from_weights.stdout.split(": val ")[1] == from_run
