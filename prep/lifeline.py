@@ -88,15 +88,27 @@ def starting_workers():
     if not _fork_hook:
         os.register_at_fork(after_in_child=_after_fork_in_child)
         _fork_hook.append(True)
-    main = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS) if main else None
     _forking_parent.append(os.getpid())
+    try:
+        with signals_blocked(GROUP_SIGNALS):
+            yield
+    finally:
+        _forking_parent.pop()
+
+
+@contextlib.contextmanager
+def signals_blocked(numbers):
+    """Within the block ``numbers`` are blocked in this (main) thread: processes forked here start
+    with them blocked, and one that arrives meanwhile stays pending until the block is left.
+    Elsewhere than in the main thread (where signals are handled), nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, numbers)
     try:
         yield
     finally:
-        _forking_parent.pop()
-        if main:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _after_fork_in_child() -> None:

@@ -19,13 +19,12 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 from prep.atomic import release_inherited_locks
-from prep.lifeline import die_with_parent, prepare_workers
+from prep.lifeline import die_with_parent, prepare_workers, signals_blocked
 
 
 def usable_cores() -> int:
@@ -114,13 +113,8 @@ class WorkerPool:
         # The workers are forked by the first submit, with this thread's signal mask: block the
         # signals whose handlers they replace, or one arriving before they have (an early stop)
         # would run this process's handler in them.
-        blocking = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STARTING_SIGNALS) if blocking else None
-        try:
+        with signals_blocked(STARTING_SIGNALS):
             futures = {self.executor.submit(_run, function, n, task): n for n, task in enumerate(tasks)}
-        finally:
-            if blocking:
-                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         return self._results(futures, tasks, table, poll, every)
 
     def _results(self, futures, tasks, table, poll, every):
