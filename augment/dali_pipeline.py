@@ -70,7 +70,7 @@ class ShardSource:
                 (params.y / span).astype(np.float32), mirror)
 
 
-def build_pipeline(source: ShardSource, spec: AugmentSpec, encoding: str, size: int, batch_size: int,
+def build_pipeline(source: ShardSource, spec: AugmentSpec, compressed: bool, size: int, batch_size: int,
                    device: str, workers: int, feed_only: bool = False):
     """A started DALI pipeline yielding (images, labels) batches of ``spec``. ``feed_only``: the
     source's (stored images, labels) as they are, no image operation (tools/bench_feed)."""
@@ -100,7 +100,7 @@ def build_pipeline(source: ShardSource, spec: AugmentSpec, encoding: str, size: 
             dtype=[types.UINT8, types.INT64, types.FLOAT] + ([] if ten else [types.FLOAT, types.FLOAT, types.INT32]))
         if feed_only:
             return image, label
-        if encoding == "jpeg":
+        if compressed:  # JPEG blobs: decoded here, by nvJPEG on a GPU
             image = fn.decoders.image(image, device="mixed" if cuda else "cpu", output_type=types.RGB)
         elif cuda:
             image = image.gpu()

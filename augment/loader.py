@@ -160,7 +160,7 @@ class Loader:
         from augment.dali_pipeline import ShardSource, build_pipeline
 
         source = ShardSource(self.shard_set.root, self.split, self.plan, self.colour, epoch, position)
-        pipe = build_pipeline(source, self.spec, self.shard_set.encoding, self.size, self.batch_size, self.device,
+        pipe = build_pipeline(source, self.spec, self.shard_set.storage.compressed, self.size, self.batch_size, self.device,
                               self.workers)
         iterator = DALIGenericIterator(pipe, ["images", "labels"], auto_reset=False)
 

@@ -10,6 +10,10 @@ __version__ = "0.1.0"
 
 DEFAULT_SHARDS = "shards"  # the shard folder every command uses when none is named ...
 SHARDS_ENV = "IMGPREP_SHARDS"  # ... unless this environment variable names one
+# How shards store pixels (each a class in prep.encodings), and the policy whose images keep their
+# aspect ratio (format version 2). Here, not there, so that the command lines import no numpy.
+ENCODINGS = ("raw", "jpeg")
+KEEP_ASPECT = "keep"
 
 
 def shards_folder(given=None) -> Path:

@@ -16,10 +16,9 @@ import errno
 import json
 from pathlib import Path
 
-import numpy as np
-
 from prep.atomic import atomic_write_text, no_space
-from prep.decode import HELD_BYTES_PER_PIXEL, decode_resize, encode_jpeg
+from prep.decode import HELD_BYTES_PER_PIXEL, decode_resize
+from prep.encodings import storage_for
 from prep.errors import BadImage, OutputError, PrepError
 from prep.plan import ShardOptions, ShardTask
 from prep.shards import sha256_file, write_shard
@@ -46,12 +45,12 @@ def build_shard(task: ShardTask, reader, out: Path, options: ShardOptions, on_im
     """Run one task; returns its record. ``on_image()`` is called once per file handled."""
     out = Path(out)
     size = options.size
-    raw = options.encoding == "raw"
-    pixels = np.empty((len(task.items), size, size, 3), dtype=np.uint8) if raw else []
-    keys, labels, rejects = [], [], []
+    storage = storage_for(options.encoding, options.policy)
+    encoded, keys, labels, rejects = [], [], [], []
     for key, label in task.items:
         try:
-            image = decode_resize(reader.read(key, max_file_bytes(options)), size, options.policy, options.max_pixels)
+            image = decode_resize(reader.read(key, max_file_bytes(options)), size, options.policy, options.max_pixels,
+                                  options.max_aspect)
         except BadImage as error:
             rejects.append([key, str(error)])
         except OSError as error:
@@ -64,10 +63,7 @@ def build_shard(task: ShardTask, reader, out: Path, options: ShardOptions, on_im
         except Exception as error:  # a decoder bug on one odd file must not end a long run
             rejects.append([key, f"unexpected decoder error: {type(error).__name__}: {error}"])
         else:
-            if raw:
-                pixels[len(keys)] = image
-            else:
-                pixels.append(encode_jpeg(image, options.quality))
+            encoded.append(storage.encode(image, options.quality))
             keys.append(key)
             labels.append(label)
         if on_image:
@@ -78,7 +74,7 @@ def build_shard(task: ShardTask, reader, out: Path, options: ShardOptions, on_im
     try:
         if keys:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_shard(path, task.split, size, options.encoding, labels, keys, pixels[: len(keys)])
+            write_shard(path, task.split, options, labels, keys, encoded)
             record.update(file=task.file, sha256=sha256_file(path))
         record["rejects"] = rejects
         atomic_write_text(record_path(out, task), json.dumps(record))

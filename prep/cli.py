@@ -154,7 +154,7 @@ def pca_stats(shards, split, workers, sample, seed, quiet):
     for row in stats["eigvec"]:
         click.echo("             " + "".join(f"{v:>10.4f}" for v in row))
     click.echo(f"\n{stats['images']:,} images, {stats['pixels']:,} pixels in {stats['seconds']:.1f} s; "
-               f"wrote {root / 'stats.json'} and {root / stats['mean_image']}")
+               f"wrote {root / 'stats.json'}" + (f" and {root / stats['mean_image']}" if stats["mean_image"] else ""))
 
 
 @main.command()
@@ -225,13 +225,13 @@ def info(shards):
 def stats_state(root: Path) -> str:
     """One phrase: whether root's stats.json is there and usable."""
     from prep.errors import PrepError
-    from prep.shards import STATS
+    from prep.shards import STATS, open_shards
     from prep.stats import load_stats
 
     if not (root / STATS).exists():
         return "none yet (imgprep pca-stats)"
     try:
-        load_stats(root, with_mean_image=True)
+        load_stats(root, with_mean_image=open_shards(root).square)
     except PrepError as error:
         return f"present but unusable: {error}"
     return "present, computed from these shards"

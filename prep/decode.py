@@ -1,12 +1,15 @@
-"""Bytes of any source image -> RGB uint8 array of shape (S, S, 3).
+"""Bytes of any source image -> RGB uint8 array of shape (S, S, 3), or (h, w, 3) with the aspect kept.
 
 The geometry (policy "crop", the paper's): scale so the shorter side is S, then take the
 central S x S window. For a W x H source with W >= H::
 
-    resized width   W' = round(W * S / H),  height S
+    resized width   W' = max(S, round(W * S / H)),  height S
     window left     (W' - S) // 2            (top 0; the same with the axes swapped)
 
-Policy "squash" (Caffe's warp) resizes both sides to S and keeps no aspect ratio.
+Policy "squash" (Caffe's warp) resizes both sides to S and keeps no aspect ratio. Policy "keep"
+scales the shorter side to S as "crop" does and keeps the whole width, up to a cap: the window is
+min(W', L) x S with L = floor(max_aspect * S), centred the same way, so a 3000 x 300 panorama
+becomes 512 x 256 at the default max_aspect 2 instead of one sample ten times the others.
 
 Resampling is antialiased bicubic (the filter is widened by the reduction factor, as PIL does),
 run by torch's vectorised uint8 kernel: about 4x faster than Pillow's own resize and within
@@ -14,8 +17,9 @@ run by torch's vectorised uint8 kernel: about 4x faster than Pillow's own resize
 power of two (libjpeg-turbo scaled IDCT), but never below twice the target's shorter side:
 DCT reduction alone aliases on fine texture, the bicubic pass after it does not.
 
-A source longer than 4:1 is first cut to its central 4:1 part (policy "crop"): the rest would
-be cropped away, and resizing it whole could need gigabytes for a thin strip.
+A source longer than 4:1 is first cut to its central 4:1 part (policy "crop"; "keep": its central
+max(4, 2 max_aspect):1 part): the rest would be cropped away, and resizing it whole could need
+gigabytes for a thin strip.
 
 Colour: every source ends as RGB. Greyscale is repeated, palettes expanded, alpha dropped
 (as ``PIL.Image.convert("RGB")`` and torchvision do), CMYK converted by Pillow, 16-bit samples
@@ -40,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from prep import KEEP_ASPECT
 from prep.errors import BadImage
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -59,16 +64,17 @@ WIDE_SAMPLES = re.compile(r";(16|32)[BLNSF]")
 GREY_BAND_PIXELS = 1 << 16  # wide greyscale is reduced to 8 bits this many pixels at a time
 
 
-def decode_resize(data: bytes, size: int, policy: str, max_pixels: int) -> np.ndarray:
-    """Decode ``data`` and return it resized to (size, size, 3) uint8 RGB; BadImage if unusable."""
+def decode_resize(data: bytes, size: int, policy: str, max_pixels: int, max_aspect: float = 2.0) -> np.ndarray:
+    """Decode ``data`` and return it resized per ``policy`` as uint8 RGB: (size, size, 3), or
+    (h, w, 3) with the shorter side ``size`` for "keep"; BadImage if unusable."""
     if not data:
         raise BadImage("empty file")
     decoded = decode_jpeg(data, size, max_pixels) if data.startswith(JPEG_MAGIC) else None
     if decoded is None:  # not a JPEG, or one libjpeg-turbo cannot colour-convert (CMYK)
         pixels = decode_with_pil(data, max_pixels)
-        return resize_square(pixels, size, policy)
+        return resize_image(pixels, size, policy, max_aspect)
     pixels, source_wh = decoded
-    return resize_square(pixels, size, policy, source_wh)
+    return resize_image(pixels, size, policy, max_aspect, source_wh)
 
 
 def decode_jpeg(data: bytes, size: int, max_pixels: int):
@@ -183,56 +189,55 @@ def sample_bits(image: Image.Image) -> int:
     return 32 if image.mode in ("I", "F") else 16 if image.mode.startswith("I;16") else 8
 
 
-def output_geometry(width: int, height: int, size: int, policy: str) -> tuple[int, int, int, int]:
-    """(resized width, resized height, crop left, crop top) for a width x height source."""
+def output_geometry(width: int, height: int, size: int, policy: str,
+                    max_aspect: float = 2.0) -> tuple[int, int, int, int, int, int]:
+    """(resized width, resized height, window left, window top, window width, window height)
+    for a width x height source (see the module docstring)."""
     if policy == "squash":
-        return size, size, 0, 0
+        return size, size, 0, 0, size, size
     if width >= height:
         resized_w, resized_h = max(size, round(width * size / height)), size
     else:
         resized_w, resized_h = size, max(size, round(height * size / width))
-    return resized_w, resized_h, (resized_w - size) // 2, (resized_h - size) // 2
+    longest = int(math.floor(max_aspect * size + 1e-9)) if policy == KEEP_ASPECT else size
+    window_w, window_h = min(resized_w, longest), min(resized_h, longest)
+    return resized_w, resized_h, (resized_w - window_w) // 2, (resized_h - window_h) // 2, window_w, window_h
 
 
-def resize_square(pixels: np.ndarray, size: int, policy: str, source_wh=None) -> np.ndarray:
-    """Antialiased bicubic resize of (H, W, C) uint8 (C = 3 or 4) to (size, size, 3) RGB.
+def resize_image(pixels: np.ndarray, size: int, policy: str, max_aspect: float = 2.0, source_wh=None) -> np.ndarray:
+    """Antialiased bicubic resize of (H, W, C) uint8 (C = 3 or 4) to RGB per ``policy``.
 
     ``source_wh`` is the size before any DCT reduction; geometry follows it so that a reduced
     decode lands on the same output grid as a full one (to the rounding of the reduced size).
     """
     height, width = pixels.shape[:2]
     source_wh = source_wh or (width, height)
-    if policy == "crop" and max(source_wh) > MAX_ASPECT * min(source_wh):
-        pixels, source_wh = central_part(pixels, source_wh)
-    resized_w, resized_h, left, top = output_geometry(*source_wh, size, policy)
+    longest = max(MAX_ASPECT, 2 * max_aspect) if policy == KEEP_ASPECT else MAX_ASPECT
+    if policy != "squash" and max(source_wh) > longest * min(source_wh):
+        pixels, source_wh = central_part(pixels, source_wh, longest)
+    resized_w, resized_h, left, top, window_w, window_h = output_geometry(*source_wh, size, policy, max_aspect)
     # (1, C, H, W) viewed over HWC memory: the channels-last layout the fast uint8 kernel wants.
     batch = torch.from_numpy(pixels).permute(2, 0, 1)[None]
     resized = F.interpolate(batch, size=(resized_h, resized_w), mode="bicubic", antialias=True)
-    window = resized[0, :3, top : top + size, left : left + size]  # (3, size, size), planar
+    window = resized[0, :3, top : top + window_h, left : left + window_w]  # (3, h, w), planar
     return window.permute(1, 2, 0).contiguous().numpy()  # torch interleaves ~1.7x faster than numpy
 
 
-def central_part(pixels: np.ndarray, source_wh) -> tuple[np.ndarray, tuple[int, int]]:
-    """The central MAX_ASPECT:1 part of a longer image (and its size in source pixels).
+def central_part(pixels: np.ndarray, source_wh, ratio: float = MAX_ASPECT) -> tuple[np.ndarray, tuple[int, int]]:
+    """The central ``ratio``:1 part of a longer image (and its size in source pixels).
 
-    Only the centre survives the crop anyway, and resizing the whole of a 1 x 100,000 strip to
+    Only the centre survives the window anyway, and resizing the whole of a 1 x 100,000 strip to
     a shorter side of 256 would take gigabytes; the window moves by at most half a pixel.
     """
     height, width = pixels.shape[:2]
     (source_w, source_h), scale = source_wh, width / source_wh[0]  # decoded pixels per source pixel
     if source_w > source_h:
-        keep = MAX_ASPECT * source_h
+        keep = round(ratio * source_h)
         start = round((source_w - keep) / 2 * scale)
         return pixels[:, start : start + max(1, round(keep * scale))], (keep, source_h)
-    keep = MAX_ASPECT * source_w
+    keep = round(ratio * source_w)
     start = round((source_h - keep) / 2 * scale)
     return pixels[start : start + max(1, round(keep * scale))], (source_w, keep)
-
-
-def encode_jpeg(image: np.ndarray, quality: int) -> np.ndarray:
-    """Re-encode an (S, S, 3) RGB image for ``--encoding jpeg``: 4:2:0, deterministic bytes."""
-    data = simplejpeg.encode_jpeg(image, quality=quality, colorspace="RGB", colorsubsampling="420")
-    return np.frombuffer(data, dtype=np.uint8)
 
 
 @contextlib.contextmanager

@@ -28,13 +28,14 @@ loader permutes all samples every epoch). Readers without ``unit`` keep the firs
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass
 
+from prep import ENCODINGS, KEEP_ASPECT
 from prep.errors import PrepError
 from prep.sources import Dataset
 
-POLICIES = ("crop", "squash")
-ENCODINGS = ("raw", "jpeg")
+POLICIES = ("crop", "squash", KEEP_ASPECT)
 ENGINES = ("local", "ray")  # who runs the tasks (prep.engines)
 
 
@@ -42,13 +43,15 @@ ENGINES = ("local", "ray")  # who runs the tasks (prep.engines)
 class ShardOptions:
     """Everything that decides the bytes of the shards."""
 
-    size: int = 256  # output side in pixels (images are size x size x 3)
-    policy: str = "crop"  # "crop": shorter side to size, central window; "squash": both sides to size
+    size: int = 256  # output side in pixels (square images), or the shorter side (policy "keep")
+    policy: str = "crop"  # "crop": shorter side to size, central window; "squash": both sides to size;
+    #                       "keep": shorter side to size, aspect ratio kept (format version 2)
     encoding: str = "raw"  # "raw": uint8 pixels, one image per HDF5 chunk; "jpeg": re-encoded bytes
     quality: int = 90  # JPEG quality 1-100 (encoding "jpeg" only)
     shard_size: int = 1024  # source files per shard, before rejects (raw at 256: ~200 MB a shard)
     seed: int = 0  # seed of the file order across shards
     max_pixels: int = 100_000_000  # decoded width * height above which a file is rejected
+    max_aspect: float = 2.0  # policy "keep": the longer side is cut centrally to at most this x size
 
     def __post_init__(self):
         if not 16 <= self.size <= 4096:
@@ -63,9 +66,16 @@ class ShardOptions:
             raise PrepError(f"shard size must be at least 1, got {self.shard_size}")
         if self.max_pixels < 1:
             raise PrepError(f"max pixels must be positive, got {self.max_pixels}")
+        if not (math.isfinite(self.max_aspect) and 1 <= self.max_aspect <= 64):
+            raise PrepError(f"max aspect must be 1-64 (longer side over shorter), got {self.max_aspect}")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The options as the manifest records them; max_aspect only where it applies, so square
+        shards' manifests are what they were before aspect-kept shards existed."""
+        values = asdict(self)
+        if self.policy != KEEP_ASPECT:
+            del values["max_aspect"]
+        return values
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,18 @@
-"""The shard format (version 1): writer, manifest, and the checked reader other stages use.
+"""The shard format (versions 1 and 2): writer, manifest, and the checked reader other stages use.
 
     SHARDS/manifest.json          format, version, options, classes, per split its shards
     SHARDS/rejects.jsonl          one {"split", "path", "reason"} line per file left out
     SHARDS/<split>/<split>-NNNNN.h5
 
 Each .h5 holds ``labels`` int16 [n], ``keys`` UTF-8 [n] (source path relative to the source
-root), and pixels as ``images`` uint8 [n, S, S, 3] RGB, one uncompressed chunk per image
-(encoding "raw") or ``jpeg`` variable-length uint8 [n] (encoding "jpeg"); attributes
-``format`` = "imgprep-shard", ``version``, ``split``, ``encoding``, ``size``. No timestamps are
-stored, so the same input gives the same bytes. Readers check format and version once on open.
+root) and its pixels as its storage kind lays them out (``prep.encodings``: square raw images
+one uncompressed chunk each, aspect-kept raw images as one contiguous run of bytes, or JPEG
+blobs); attributes ``format`` = "imgprep-shard", ``version``, ``split``, ``encoding``, ``size``
+(version 2 adds ``policy`` and ``max_aspect``). Square shards (policies crop and squash) are
+version 1, aspect-kept ones (policy keep) version 2. No timestamps are stored, so the same input
+gives the same bytes. Readers check format and version once on open, read only what is stored
+inside a shard (no external storage, links or virtual datasets), and turn any damage into one
+sentence naming the shard.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import errno
 import hashlib
 import itertools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -25,45 +30,52 @@ import h5py
 import numpy as np
 
 from prep.atomic import atomic_path, atomic_write_text
+from prep.encodings import ENCODINGS, KEEP_ASPECT, storage_for
 from prep.errors import ShardFormatError
 
 SHARD_FORMAT = "imgprep-shard"  # attribute of every .h5
 MANIFEST_FORMAT = "imgprep-shards"  # "format" of manifest.json
-VERSION = 1
+VERSION = 1  # square shards (policies crop and squash)
+KEEP_VERSION = 2  # aspect-kept shards: each image has its own height and width
+VERSIONS = (VERSION, KEEP_VERSION)
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 STATS = "stats.json"  # written by imgprep pca-stats (prep.stats)
 MEAN_IMAGE = "stats-mean.npy"  # float64 [S, S, 3], named by stats.json
 
 
+def format_version(policy: str) -> int:
+    return KEEP_VERSION if policy == KEEP_ASPECT else VERSION
+
+
+def longest_side(size: int, policy: str, max_aspect: float | None) -> int:
+    """The longest side an image of such shards may have: S for square ones, else
+    floor(max_aspect * S)."""
+    return size if policy != KEEP_ASPECT else int(math.floor(max_aspect * size + 1e-9))
+
+
 # ----------------------------------------------------------------------------- writing
 
 
-def write_shard(path, split: str, size: int, encoding: str, labels, keys, pixels) -> None:
-    """Write one shard atomically. ``pixels``: uint8 [n, S, S, 3] (raw) or n byte arrays (jpeg)."""
+def write_shard(path, split: str, options, labels, keys, encoded) -> None:
+    """Write one shard atomically. ``options``: the run's ShardOptions (size, policy, encoding,
+    max_aspect); ``encoded``: what ``storage_for(...).encode`` made of each image."""
     n = len(labels)
+    storage = storage_for(options.encoding, options.policy)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = SHARD_FORMAT
-            f.attrs["version"] = VERSION
+            f.attrs["version"] = format_version(options.policy)
             f.attrs["split"] = split
-            f.attrs["encoding"] = encoding
-            f.attrs["size"] = size
+            f.attrs["encoding"] = options.encoding
+            f.attrs["size"] = options.size
+            if options.policy == KEEP_ASPECT:
+                f.attrs["policy"] = options.policy
+                f.attrs["max_aspect"] = float(options.max_aspect)
             # track_times=False: HDF5 would otherwise stamp each dataset with its creation time.
             f.create_dataset("labels", data=np.asarray(labels, dtype=np.int16), track_times=False)
             f.create_dataset("keys", data=list(keys), dtype=h5py.string_dtype("utf-8"), track_times=False)
-            if encoding == "raw":
-                # One image per chunk, uncompressed: a chunk is the image's raw bytes at a known
-                # offset, so a reader can memory-map it without going through HDF5.
-                images = f.create_dataset(
-                    "images", shape=(n, size, size, 3), dtype=np.uint8,
-                    chunks=(1, size, size, 3), track_times=False,
-                )
-                images[...] = pixels
-            else:
-                blobs = f.create_dataset("jpeg", shape=(n,), dtype=h5py.vlen_dtype(np.uint8), track_times=False)
-                for i, blob in enumerate(pixels):
-                    blobs[i] = blob
+            storage.write(f, encoded, n, options.size)
 
 
 def sha256_file(path, on_bytes=None, block: int = 1 << 22) -> str:
@@ -110,14 +122,16 @@ def read_manifest(root) -> dict:
     if not path.is_file():
         raise ShardFormatError(f"{root} is not a shard folder: it has no {MANIFEST} (make one with 'imgprep shard SRC')")
     manifest = read_document(path, MANIFEST_FORMAT, ShardFormatError, "an imgprep manifest")
-    if manifest.get("version") != VERSION:
-        raise ShardFormatError(
-            f"{path} has format version {manifest.get('version')}; this imgprep reads version {VERSION}"
-        )
+    if manifest.get("version") not in VERSIONS:
+        raise ShardFormatError(f"{path} has format version {manifest.get('version')}; this imgprep reads versions "
+                               f"{' and '.join(map(str, VERSIONS))}")
     problem = manifest_problem(manifest)
     if problem:
         raise ShardFormatError(f"{path} is damaged: {problem} (rebuild the folder with 'imgprep shard ... --overwrite')")
     return manifest
+
+
+MAX_SHARD_IMAGES = 1 << 31  # a count beyond this is damage, not data
 
 
 def manifest_problem(manifest: dict) -> str | None:
@@ -125,11 +139,20 @@ def manifest_problem(manifest: dict) -> str | None:
     options = manifest.get("options")
     if not isinstance(options, dict):
         return "it has no 'options'"
-    if not isinstance(options.get("size"), int) or options.get("encoding") not in ("raw", "jpeg"):
+    if (not isinstance(options.get("size"), int) or isinstance(options.get("size"), bool) or options["size"] < 1
+            or options.get("encoding") not in ENCODINGS):
         return "its options lack a size or an encoding"
+    policy = options.get("policy", "crop")
+    if format_version(policy) != manifest.get("version"):
+        return f"policy {policy!r} does not go with format version {manifest.get('version')}"
+    if policy == KEEP_ASPECT and not (isinstance(options.get("max_aspect"), (int, float))
+                                      and 1 <= options["max_aspect"] <= 64):
+        return "its options lack the max_aspect of aspect-kept images"
     classes = manifest.get("classes")
-    if not isinstance(classes, list) or not all(isinstance(c, dict) and "wnid" in c for c in classes):
-        return "it has no list of classes"
+    if not isinstance(classes, list) or not classes or not all(
+            isinstance(c, dict) and isinstance(c.get("wnid"), str) and isinstance(c.get("name"), str)
+            for c in classes):
+        return "it has no list of classes (each with a wnid and a name)"
     splits = manifest.get("splits")
     if not isinstance(splits, dict):
         return "it has no 'splits'"
@@ -138,10 +161,24 @@ def manifest_problem(manifest: dict) -> str | None:
         if not isinstance(shards, list):
             return f"split '{name}' has no list of shards"
         for entry in shards:
-            if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("count"), int)):
-                return f"a shard of split '{name}' lacks its file or count"
-            if Path(entry["file"]).is_absolute() or ".." in Path(entry["file"]).parts:
-                return f"shard path {entry['file']!r} points outside the folder"
+            problem = _entry_problem(entry, name)
+            if problem:
+                return problem
+    return None
+
+
+def _entry_problem(entry, split: str) -> str | None:
+    if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("count"), int)
+            and not isinstance(entry["count"], bool)):
+        return f"a shard of split '{split}' lacks its file or count"
+    if not 0 <= entry["count"] < MAX_SHARD_IMAGES:
+        return f"shard {entry['file']!r} has a count of {entry['count']}"
+    if not (isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
+        return f"shard {entry['file']!r} has no sha256"
+    if "\0" in entry["file"] or not entry["file"]:
+        return f"shard path {entry['file']!r} is not a file name"
+    if Path(entry["file"]).is_absolute() or ".." in Path(entry["file"]).parts:
+        return f"shard path {entry['file']!r} points outside the folder"
     return None
 
 
@@ -176,8 +213,12 @@ class ShardSet:
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         self.options: dict = self.manifest["options"]
-        self.size: int = self.options["size"]
+        self.size: int = self.options["size"]  # S: the side of square images, the shorter side of kept ones
         self.encoding: str = self.options["encoding"]
+        self.policy: str = self.options.get("policy", "crop")
+        self.square: bool = self.policy != KEEP_ASPECT  # every image S x S
+        self.max_side: int = longest_side(self.size, self.policy, self.options.get("max_aspect"))
+        self.storage = storage_for(self.encoding, self.policy)
         self.classes: list[dict] = self.manifest["classes"]  # [{index, wnid, name}] in index order
 
     @property
@@ -199,11 +240,13 @@ class SplitReader:
     def __init__(self, shard_set: ShardSet, split: str):
         self.root = shard_set.root
         self.split = split
-        self.size = shard_set.size
-        self.encoding = shard_set.encoding
+        self.size, self.square, self.max_side = shard_set.size, shard_set.square, shard_set.max_side
+        self.encoding, self.storage = shard_set.encoding, shard_set.storage
+        self.version, self.classes = shard_set.manifest["version"], len(shard_set.classes)
         entries = shard_entries(shard_set.manifest, split)
         self.files = [entry["file"] for entry in entries]
-        self.starts = [0, *itertools.accumulate(int(e["count"]) for e in entries)]
+        self.counts = [int(e["count"]) for e in entries]
+        self.starts = [0, *itertools.accumulate(self.counts)]
         allow_open_files(len(self.files) + 64)
         self._open: dict[int, ShardFile] = {}
         self._pid = os.getpid()
@@ -232,46 +275,57 @@ class SplitReader:
         if os.getpid() != self._pid:  # a forked child must not share HDF5 handles
             self._open, self._pid = {}, os.getpid()
         if file_no not in self._open:
-            self._open[file_no] = ShardFile(self.root / self.files[file_no], self.split, self.encoding, self.size)
+            self._open[file_no] = ShardFile(self.root / self.files[file_no], self.split, self,
+                                            self.counts[file_no])
         return self._open[file_no]
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         file_no, local = self.locate(index)
         shard = self.shard_file(file_no)
-        return shard.image(local), int(shard.labels[local])
+        return shard.images.image(local), int(shard.labels[local])
 
     def stored(self, index: int) -> tuple[np.ndarray, int]:
         """(image as stored, label) without decoding or copying: for raw shards a read-only
-        [S, S, 3] view into the file, for jpeg shards the encoded bytes (uint8 [k])."""
+        [h, w, 3] view into the file, for jpeg shards the encoded bytes (uint8 [k])."""
         file_no, local = self.locate(index)
         shard = self.shard_file(file_no)
-        return shard.stored(local), int(shard.labels[local])
+        return shard.images.stored(local), int(shard.labels[local])
+
+    def _by_file(self, indices, read) -> list:
+        """``read(shard file, its local indices)`` for each file ``indices`` touch, put back in order."""
+        file_nos, locals_ = self.locate_many(indices)
+        out: list = [None] * len(file_nos)
+        for file_no in np.unique(file_nos).tolist():
+            where = np.flatnonzero(file_nos == file_no)
+            for position, value in zip(where.tolist(), read(self.shard_file(file_no), locals_[where])):
+                out[position] = value
+        return out
 
     def stored_many(self, indices) -> list[np.ndarray]:
         """``stored`` images of many samples, one call a batch: views into the memory maps (raw),
         or the JPEG bytes, read with one HDF5 call per shard file (jpeg)."""
-        file_nos, locals_ = self.locate_many(indices)
-        if self.encoding == "raw":
-            return [self.shard_file(int(f)).stored(int(i)) for f, i in zip(file_nos.tolist(), locals_.tolist())]
-        out: list = [None] * len(file_nos)
-        for file_no in np.unique(file_nos).tolist():
-            where = np.flatnonzero(file_nos == file_no)
-            wanted, back = np.unique(locals_[where], return_inverse=True)  # h5py wants increasing indices
-            blobs = self.shard_file(file_no).blobs[wanted]
-            for position, k in zip(where.tolist(), back.reshape(-1).tolist()):
-                out[position] = blobs[k]
-        return out
+        return self._by_file(indices, lambda shard, locals_: shard.images.stored_many(locals_))
+
+    def decode_stored(self, index: int, stored: np.ndarray) -> np.ndarray:
+        """Image ``index`` from what ``stored_many`` returned for it: the view itself (raw), or
+        the JPEG decoded after its header was checked."""
+        if not self.storage.compressed:
+            return stored
+        file_no, local = self.locate(index)
+        return self.shard_file(file_no).images.decode(stored, local)
+
+    def shapes_of(self, indices) -> np.ndarray:
+        """(height, width) of each of ``indices``, int64 [len, 2], from the shards' size tables."""
+        if self.square:
+            return np.full((len(indices), 2), self.size, dtype=np.int64)
+        parts = self._by_file(indices, lambda shard, locals_: shard.images.sizes[locals_])
+        return np.array(parts, dtype=np.int64).reshape(-1, 2)
 
     def gather(self, indices, out: np.ndarray) -> np.ndarray:
-        """Decoded images of ``indices`` copied into ``out`` (uint8 [len(indices), S, S, 3]): for
-        raw shards one memory copy an image out of the page cache."""
-        if self.encoding == "raw":
-            for row, image in enumerate(self.stored_many(indices)):
-                out[row] = image
-        else:
-            file_nos, locals_ = self.locate_many(indices)
-            for row, (f, i) in enumerate(zip(file_nos.tolist(), locals_.tolist())):
-                out[row] = self.shard_file(f).image(i)
+        """Decoded images of ``indices`` copied into ``out`` (uint8 [len(indices), S, S, 3]) of a
+        square split: for raw shards one memory copy an image out of the page cache."""
+        for row, (index, image) in enumerate(zip(np.asarray(indices).tolist(), self.stored_many(indices))):
+            out[row] = self.decode_stored(index, image)
         return out
 
     def key(self, index: int) -> str:
@@ -299,13 +353,19 @@ class SplitReader:
         self._open = {}
 
 
-class ShardFile:
-    """One .h5 shard, checked on open. Raw shards keep no HDF5 handle: their images are read
-    through a memory map at the chunk offsets found on open (one file descriptor a shard)."""
+# What a damaged HDF5 header can raise from h5py while a shard is opened and checked.
+DAMAGE = (OSError, KeyError, ValueError, IndexError, OverflowError, UnicodeDecodeError, RuntimeError, TypeError,
+          AttributeError)
 
-    def __init__(self, path: Path, split: str, encoding: str, size: int):
-        self.path, self.size, self.encoding = path, size, encoding
-        self.h5 = self.map = None
+
+class ShardFile:
+    """One .h5 shard, checked on open against the manifest (attributes, image count, labels
+    within the class count) and for anything stored outside it. Raw shards keep no HDF5 handle:
+    their images are read through a memory map (one file descriptor a shard)."""
+
+    def __init__(self, path: Path, split: str, reader: "SplitReader", count: int | None = None):
+        self.path, self.size = path, reader.size
+        self.h5 = self.images = None
         try:
             self.h5 = h5py.File(path, "r")
         except FileNotFoundError:
@@ -316,66 +376,83 @@ class ShardFile:
                                        "or shard with a larger --shard-size") from None
             raise ShardFormatError(f"shard {path} cannot be opened as HDF5: {error}") from None
         try:
-            self._check(split)
+            self._check(split, reader)
+            file_bytes = os.path.getsize(path)
+            for name in self.h5:
+                inside_only(self.h5, name, path, file_bytes)
+            if count is not None and self.h5["labels"].shape != (count,):  # before reading any of it
+                raise ShardFormatError(f"shard {path} holds {self.h5['labels'].shape} labels where the manifest "
+                                       f"says {count} images (imgprep verify)")
             self.labels = self.h5["labels"][:]
-            if encoding == "raw":
-                self.offsets = raw_chunk_offsets(self.h5["images"], path)
-                # A plain ndarray over the map: slicing it costs a fraction of slicing an np.memmap.
-                self.map = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
-                if len(self.offsets) and self.offsets.max() + size * size * 3 > len(self.map):
-                    raise ShardFormatError(f"shard {path} is truncated: its images run past the end of the file")
+            self._check_labels(reader.classes, count)
+            self.images = reader.storage.open(self.h5, path, reader.size, reader.max_side)
+            if len(self.images.sizes) != len(self.labels):
+                raise ShardFormatError(f"shard {path} is damaged: {len(self.images.sizes)} images for "
+                                       f"{len(self.labels)} labels (imgprep verify)")
+            if not reader.storage.compressed:  # its images are read through the memory map
                 self.h5.close()
                 self.h5 = None
-            else:
-                self.blobs = self.h5["jpeg"]
-        except KeyError as error:
+        except ShardFormatError:
             self.close()
-            raise ShardFormatError(f"shard {path} lacks a dataset: {error}") from None
+            raise
+        except DAMAGE as error:
+            self.close()
+            raise ShardFormatError(f"{path} is damaged: {type(error).__name__}: {error} (imgprep verify)") from None
         except BaseException:
             self.close()
             raise
 
-    def _check(self, split: str) -> None:
-        expected = {"format": SHARD_FORMAT, "version": VERSION, "split": split, "encoding": self.encoding,
+    def _check(self, split: str, reader: "SplitReader") -> None:
+        expected = {"format": SHARD_FORMAT, "version": reader.version, "split": split, "encoding": reader.encoding,
                     "size": self.size}
         for name, value in expected.items():
             found = self.h5.attrs.get(name)
             found = found.item() if isinstance(found, np.generic) else found
+            found = found.decode("utf-8", "replace") if isinstance(found, bytes) else found
             if found != value:
                 raise ShardFormatError(f"shard {self.path} has {name}={found!r} where the manifest says {value!r}")
 
-    def stored(self, local: int) -> np.ndarray:
-        if self.encoding == "raw":
-            start = self.offsets[local]
-            return self.map[start : start + self.size * self.size * 3].reshape(self.size, self.size, 3)
-        return self.blobs[local]
-
-    def image(self, local: int) -> np.ndarray:
-        """Decoded RGB uint8 [S, S, 3], a private copy."""
-        if self.encoding == "raw":
-            return np.array(self.stored(local))
-        import simplejpeg
-
-        try:
-            image = simplejpeg.decode_jpeg(self.blobs[local].tobytes(), "RGB")
-        except ValueError as error:
-            raise ShardFormatError(f"shard {self.path}: image {local} is not a readable JPEG ({error})") from None
-        if image.shape != (self.size, self.size, 3):  # callers rely on the size (pca-stats reads unchecked)
-            raise ShardFormatError(f"shard {self.path}: image {local} is {image.shape}, not ({self.size}, "
-                                   f"{self.size}, 3)")
-        return image
+    def _check_labels(self, classes: int, count: int | None) -> None:
+        if self.labels.ndim != 1 or (count is not None and len(self.labels) != count):
+            raise ShardFormatError(f"shard {self.path} holds {len(self.labels)} images where the manifest says "
+                                   f"{count} (imgprep verify)")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= classes):
+            raise ShardFormatError(f"shard {self.path} has labels from {self.labels.min()} to {self.labels.max()}, "
+                                   f"outside the {classes} classes of its manifest (imgprep verify)")
 
     def key(self, local: int) -> str:
-        if self.h5 is not None:
-            return self.h5["keys"][local].decode("utf-8")
-        with h5py.File(self.path, "r") as h5:  # raw shards keep no handle open
-            return h5["keys"][local].decode("utf-8")
+        try:
+            if self.h5 is not None:
+                return self.h5["keys"][local].decode("utf-8")
+            with h5py.File(self.path, "r") as h5:  # raw shards keep no handle open
+                return h5["keys"][local].decode("utf-8")
+        except DAMAGE as error:
+            raise ShardFormatError(f"{self.path} is damaged: {type(error).__name__}: {error} (imgprep verify)") from None
 
     def close(self) -> None:
+        if self.images is not None:
+            self.images.close()
         if self.h5 is not None:
             self.h5.close()
             self.h5 = None
-        self.map = None  # unmapped once no view of it is left (DALI may still hold one)
+
+
+def inside_only(h5: h5py.File, name: str, path, file_bytes: int) -> None:
+    """Refuse a dataset of ``h5`` whose bytes live outside the file: a soft or external link, a
+    virtual dataset, or external raw storage would make a reader read another file. And one that
+    declares more bytes than the whole file holds (damage: reading it would allocate them)."""
+    link = h5.get(name, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        raise ShardFormatError(f"shard {path}: '{name}' is a {type(link).__name__}, a link out of the shard; "
+                               "shards hold all their data themselves (imgprep verify)")
+    item = h5[name]
+    if isinstance(item, h5py.Dataset) and (item.is_virtual or item.external):
+        what = "a virtual dataset" if item.is_virtual else "stored in external files"
+        raise ShardFormatError(f"shard {path}: '{name}' is {what}; shards hold all their data themselves "
+                               "(imgprep verify)")
+    if isinstance(item, h5py.Dataset) and item.size * item.dtype.itemsize > file_bytes:
+        raise ShardFormatError(f"{path} is damaged: '{name}' declares {item.size:,} items, more than the "
+                               f"{file_bytes:,}-byte file holds (imgprep verify)")
 
 
 def allow_open_files(needed: int) -> None:
@@ -389,19 +466,3 @@ def allow_open_files(needed: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < needed:
         target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
-
-
-def raw_chunk_offsets(images: h5py.Dataset, path) -> np.ndarray:
-    """Byte offset in the file of each image's chunk (uncompressed, one image per chunk)."""
-    n, size = images.shape[0], images.shape[1]
-    offsets = np.full(n, -1, dtype=np.int64)
-
-    def record(info):
-        if info.filter_mask != 0 or info.size != size * size * 3:
-            raise ShardFormatError(f"shard {path} stores images compressed or in foreign chunks")
-        offsets[info.chunk_offset[0]] = info.byte_offset
-
-    images.id.chunk_iter(record)
-    if (offsets < 0).any():
-        raise ShardFormatError(f"shard {path} is incomplete: {int((offsets < 0).sum())} images have no data")
-    return offsets

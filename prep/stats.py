@@ -4,7 +4,7 @@ Over the N pixels x_p in {0..255}^3 (RGB) of every image of the split, with inte
 
     s = sum_p x_p                      (3,)      per-channel sum
     Q = sum_p x_p x_p^T                (3, 3)    second moments
-    m = sum over images of the image   (S, S, 3) per-position sum
+    m = sum over images of the image   (S, S, 3) per-position sum (square shards only)
 
 the statistics, on the 0-255 scale, are
 
@@ -12,7 +12,7 @@ the statistics, on the 0-255 scale, are
     cov    = Q / N - mean mean^T  =  (N Q - s s^T) / N^2      (population covariance)
     std_c  = sqrt(cov_cc)
     cov v_i = eigval_i v_i,  eigval descending,  v_i = column i of eigvec
-    mean image = m / images
+    mean image = m / images    (aspect-kept shards, images of many sizes, have none)
 
 Sign rule: each eigenvector is negated if needed so that its component of largest magnitude
 is positive (the first, on a tie). The PCA-lighting eigenvalues of the paper's convention
@@ -38,11 +38,10 @@ import numpy as np
 from prep.atomic import atomic_path, atomic_write_text, locked_folder, no_space
 from prep.errors import OutputError, PrepError, ShardFormatError
 from prep.pool import WorkerDied, WorkerPool
-from prep.shards import (MANIFEST, MEAN_IMAGE, STATS, ShardFile, open_shards, read_document, read_manifest,
-                         shard_entries)
+from prep.encodings import PixelSums
+from prep.shards import MANIFEST, MEAN_IMAGE, STATS, open_shards, read_document, read_manifest, shard_entries
 
 STATS_FORMAT = "imgprep-stats"
-FLUSH_EVERY = 1 << 16  # images: uint32 per-position sums hold 2^32 / 255 > 16 M images; flush far earlier
 
 
 class InvalidStatsError(ShardFormatError):
@@ -59,7 +58,7 @@ def stats_problem(stats: dict) -> str | None:
             return f"'{key}' is missing or not numbers"
         if value.shape != shape or not np.isfinite(value).all():
             return f"'{key}' is not {'x'.join(map(str, shape))} finite numbers"
-    if not isinstance(stats.get("mean_image"), str):
+    if not (stats.get("mean_image") is None or isinstance(stats.get("mean_image"), str)):
         return "'mean_image' does not name a file"
     return None
 
@@ -68,44 +67,39 @@ class StaleStatsError(PrepError):
     """stats.json belongs to other shards than the ones it sits next to."""
 
 
-def shard_sums(path: Path, split: str, encoding: str, size: int, indices=None) -> tuple[int, np.ndarray, list[int]]:
-    """(images, per-position sums int64 [S, S, 3], moments [RR, GG, BB, RG, RB, GB]) of one shard."""
-    from prep.pixelsums import accumulate
-
-    shard = ShardFile(path, split, encoding, size)
-    nbytes = size * size * 3
-    chosen = np.arange(len(shard.labels)) if indices is None else np.asarray(indices, dtype=np.int64)
-    totals = np.zeros(nbytes, dtype=np.int64)
-    moments = [0] * 6
+def shard_sums(root: Path, split: str, file_no: int, indices=None) -> PixelSums:
+    """The exact pixel sums of shard ``file_no`` of ``split`` (of its images ``indices``, or all)."""
+    reader = open_shards(root).split(split)
+    shard = reader.shard_file(file_no)
+    sums = PixelSums(reader.size if reader.square else None)
     try:
-        for start in range(0, len(chosen), FLUSH_EVERY):
-            part = chosen[start : start + FLUSH_EVERY]
-            position_sums = np.zeros(nbytes, dtype=np.uint32)
-            part_moments = np.zeros(6, dtype=np.uint64)
-            if encoding == "raw":
-                accumulate(shard.map, shard.offsets[part], nbytes, position_sums, part_moments)
-            else:
-                for i in part:  # decoded one at a time: a batch of decoded images would not be smaller
-                    pixels = shard.image(int(i)).reshape(-1)
-                    accumulate(pixels, np.zeros(1, np.int64), nbytes, position_sums, part_moments)
-            totals += position_sums
-            moments = [a + int(b) for a, b in zip(moments, part_moments)]
+        chosen = np.arange(len(shard.labels)) if indices is None else np.asarray(indices, dtype=np.int64)
+        shard.images.add_to_sums(chosen, sums)
     finally:
-        shard.close()
-    return len(chosen), totals.reshape(size, size, 3), moments
+        reader.close()
+    return sums
 
 
-def _shard_sums(task) -> tuple:
+def warm_up_compiled_sums() -> None:
+    """Compile (or load from numba's cache) the summing loops once, before the workers fork."""
+    from prep.pixelsums import accumulate, accumulate_pixels
+
+    pixels = np.zeros(3, np.uint8)
+    pixels.flags.writeable = False  # the signature raw shards (read-only memory maps) use
+    one = np.zeros(1, np.int64)
+    accumulate(pixels, one, 3, np.zeros(3, np.uint32), np.zeros(6, np.uint64))
+    accumulate_pixels(pixels, one, np.array([3], np.int64), np.zeros(9, np.uint64))
+
+
+def _shard_sums(task) -> PixelSums:
     return shard_sums(*task)
 
 
-def finish(images: int, position_sums: np.ndarray, moments: list[int]) -> dict:
+def finish(sums: PixelSums) -> dict:
     """The statistics from the exact integer sums (see the module docstring for the maths)."""
-    size = position_sums.shape[0]
-    n = images * size * size
-    s = [int(v) for v in position_sums.reshape(-1, 3).sum(axis=0)]
+    n, s = sums.pixels, sums.channels
     q = np.empty((3, 3), dtype=object)
-    for (c, d), value in zip([(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)], moments):
+    for (c, d), value in zip([(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)], sums.moments):
         q[c, d] = q[d, c] = value
     cov = np.array([[float(Fraction(n * q[c, d] - s[c] * s[d], n * n)) for d in range(3)] for c in range(3)])
     eigval, eigvec = np.linalg.eigh(cov)
@@ -115,14 +109,14 @@ def finish(images: int, position_sums: np.ndarray, moments: list[int]) -> dict:
         if eigvec[np.argmax(np.abs(eigvec[:, i])), i] < 0:
             eigvec[:, i] = -eigvec[:, i]
     return {
-        "images": images,
+        "images": sums.images,
         "pixels": n,
         "mean": [float(Fraction(v, n)) for v in s],
         "std": np.sqrt(np.diag(cov)).tolist(),
         "cov": cov.tolist(),
         "eigval": eigval.tolist(),
         "eigvec": eigvec.tolist(),
-        "mean_image": position_sums / images,
+        "mean_image": None if sums.positions is None else sums.positions / sums.images,
     }
 
 
@@ -160,38 +154,35 @@ def _compute_stats(root: Path, split: str, workers: int, sample, seed: int, prog
     if not sum(counts):
         raise ShardFormatError(f"split '{split}' of {root} has no images")
     subsets = sample_indices(counts, sample, seed)
-    tasks = [(root / f, split, shard_set.encoding, shard_set.size, sub)
-             for f, sub in zip(reader.files, subsets) if sub is None or len(sub)]
-    from prep.pixelsums import accumulate
-
-    warm_up = np.zeros(3, np.uint8)
-    warm_up.flags.writeable = False  # the signature raw shards (read-only memory maps) use
-    accumulate(warm_up, np.zeros(1, np.int64), 3, np.zeros(3, np.uint32), np.zeros(6, np.uint64))
-    images, position_sums, moments = 0, 0, [0] * 6
-    planned = sum(len(t[4]) if t[4] is not None else c for t, c in zip(tasks, counts))
+    tasks = [(root, split, file_no, sub) for file_no, sub in enumerate(subsets) if sub is None or len(sub)]
+    warm_up_compiled_sums()
+    total = PixelSums(reader.size if reader.square else None)
+    planned = sum(len(sub) if sub is not None else counts[file_no] for _, _, file_no, sub in tasks)
     with WorkerPool(workers) as pool:
         results = pool.run(_shard_sums, tasks)  # forks before tqdm's thread starts
         with tqdm(total=planned, unit="img", desc="pca-stats", disable=not progress, dynamic_ncols=True) as bar:
             try:
-                for _, (n, sums, part) in results:
-                    images, position_sums = images + n, position_sums + sums
-                    moments = [a + b for a, b in zip(moments, part)]
-                    bar.update(n)
+                for _, part in results:
+                    total.add(part)
+                    bar.update(part.images)
             except WorkerDied as death:
-                files = " or ".join(str(task[0]) for task in death.tasks)
+                files = " or ".join(str(root / reader.files[task[2]]) for task in death.tasks)
                 raise PrepError(f"a pca-stats worker process died while reading {files} (out of memory?); "
                                 "nothing was written") from None
-    stats = finish(images, position_sums, moments)
+    stats = finish(total)
     mean_image = stats.pop("mean_image")
     buffer = io.BytesIO()
-    np.save(buffer, mean_image, allow_pickle=False)
+    if mean_image is not None:  # square shards only: images of many sizes have no mean image
+        np.save(buffer, mean_image, allow_pickle=False)
     document = {"format": STATS_FORMAT, "version": 1, "manifest_sha256": manifest_hash, "split": split,
-                "scale": 255, "sample": sample, "seed": seed, **stats, "mean_image": MEAN_IMAGE,
-                "mean_image_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+                "scale": 255, "sample": sample, "seed": seed, **stats,
+                "mean_image": MEAN_IMAGE if mean_image is not None else None,
+                "mean_image_sha256": hashlib.sha256(buffer.getvalue()).hexdigest() if mean_image is not None else None,
                 "eigvec_sign_rule": "the largest-magnitude component of each eigenvector is positive"}
     try:  # the mean image first: stats.json names it by hash, so a half-done pair reads as stale
-        with atomic_path(root / MEAN_IMAGE) as tmp:
-            Path(tmp).write_bytes(buffer.getvalue())
+        if mean_image is not None:
+            with atomic_path(root / MEAN_IMAGE) as tmp:
+                Path(tmp).write_bytes(buffer.getvalue())
         atomic_write_text(root / STATS, json.dumps(document, indent=2) + "\n")
     except OSError as error:
         if no_space(error):
@@ -217,6 +208,9 @@ def load_stats(root, with_mean_image: bool = False) -> dict:
         raise StaleStatsError(f"{path} was computed from other shards than those in {root} "
                               f"(manifest.json changed since): {again}")
     if with_mean_image:
+        if stats["mean_image"] is None:
+            raise InvalidStatsError(f"{root} holds images of many sizes (policy keep): they have no mean image, so "
+                                    "mean-image normalisation cannot apply (use per-channel normalisation)")
         mean_path = root / Path(stats["mean_image"]).name  # only ever a file beside stats.json
         if not mean_path.is_file():
             raise InvalidStatsError(f"{mean_path}, the mean image {STATS} names, is missing: {again}")

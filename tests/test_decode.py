@@ -27,10 +27,15 @@ def png(pixels) -> bytes:
 
 def test_geometry_worked_examples():
     # 500x375: shorter side 375 -> 256, width 500*256/375 = 341.33 -> 341; window left (341-256)//2 = 42
-    assert output_geometry(500, 375, 256, "crop") == (341, 256, 42, 0)
-    assert output_geometry(375, 500, 256, "crop") == (256, 341, 0, 42)
-    assert output_geometry(300, 300, 256, "crop") == (256, 256, 0, 0)
-    assert output_geometry(500, 375, 256, "squash") == (256, 256, 0, 0)
+    assert output_geometry(500, 375, 256, "crop") == (341, 256, 42, 0, 256, 256)
+    assert output_geometry(375, 500, 256, "crop") == (256, 341, 0, 42, 256, 256)
+    assert output_geometry(300, 300, 256, "crop") == (256, 256, 0, 0, 256, 256)
+    assert output_geometry(500, 375, 256, "squash") == (256, 256, 0, 0, 256, 256)
+    # keep: the whole width up to max_aspect x 256 = 512, cut centrally beyond it
+    assert output_geometry(500, 375, 256, "keep") == (341, 256, 0, 0, 341, 256)
+    assert output_geometry(375, 500, 256, "keep") == (256, 341, 0, 0, 256, 341)
+    assert output_geometry(3000, 300, 256, "keep") == (2560, 256, 1024, 0, 512, 256)
+    assert output_geometry(3000, 300, 256, "keep", max_aspect=1.5) == (2560, 256, 1088, 0, 384, 256)
 
 
 def test_central_crop_of_two_colour_halves():

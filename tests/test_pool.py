@@ -69,14 +69,15 @@ def test_leaving_early_ends_the_workers_at_once():
 
 def test_a_dead_pca_stats_worker_names_its_shard_and_nothing_is_written(fresh_copy, monkeypatch):
     import prep.stats
+    from prep.shards import open_shards
 
     victim = sorted((fresh_copy / "train").glob("*.h5"))[1]
     real = prep.stats.shard_sums
 
-    def dying(path, *args):
-        if Path(path) == victim:
+    def dying(root, split, file_no, *args):
+        if Path(root) / open_shards(root).split(split).files[file_no] == victim:
             os._exit(9)
-        return real(path, *args)
+        return real(root, split, file_no, *args)
 
     monkeypatch.setattr(prep.stats, "shard_sums", dying)  # the workers are forked: they see it
     with pytest.raises(PrepError, match=f"a pca-stats worker process died while reading {victim} "):

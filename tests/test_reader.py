@@ -62,7 +62,8 @@ def test_out_of_range_and_unknown_split(shards):
 
 @pytest.mark.parametrize("change,message", [
     (lambda m: m.update(format="something-else"), "is not an imgprep manifest"),
-    (lambda m: m.update(version=2), "has format version 2; this imgprep reads version 1"),
+    (lambda m: m.update(version=3), "has format version 3; this imgprep reads versions 1 and 2"),
+    (lambda m: m.update(version=2), "policy 'crop' does not go with format version 2"),
 ])
 def test_foreign_or_newer_manifest_is_refused(fresh_copy, change, message):
     manifest = json.loads((fresh_copy / "manifest.json").read_text())
@@ -112,5 +113,5 @@ def test_a_jpeg_of_the_wrong_size_is_an_error_not_a_bad_read(fake_src, tmp_path)
     Image.new("RGB", (8, 8)).save(small, "JPEG")
     with h5py.File(out / "val" / "val-00000.h5", "r+") as f:
         f["jpeg"][0] = np.frombuffer(small.getvalue(), np.uint8)
-    with pytest.raises(ShardFormatError, match=r"image 0 is \(8, 8, 3\), not \(256, 256, 3\)"):
+    with pytest.raises(ShardFormatError, match=r"image 0 is a 8x8 JPEG where the shard holds 256x256 images"):
         open_shards(out).split("val")[0]
