@@ -30,7 +30,7 @@ def shards_argument(command):
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(version=__version__, message="imgprep %(version)s")
 def main():
-    """Turn an ImageNet-style folder into 256x256 HDF5 shards, then inspect and check them."""
+    """Turn an ImageNet-style folder into HDF5 shards (256x256, or aspect kept), then inspect and check them."""
 
 
 @main.command()
@@ -40,7 +40,11 @@ def main():
 @click.option("--size", default=256, show_default=True, help="Output side in pixels.")
 @click.option("--policy", type=click.Choice(POLICIES), default="crop", show_default=True,
               help="crop: shorter side to SIZE, then the central SIZE x SIZE (the paper). "
-                   "squash: both sides to SIZE, aspect ratio lost (Caffe's warp).")
+                   "squash: both sides to SIZE, aspect ratio lost (Caffe's warp). "
+                   "keep: shorter side to SIZE, the whole image kept (for RandomResizedCrop recipes), the "
+                   "longer side cut centrally to at most --max-aspect x SIZE.")
+@click.option("--max-aspect", default=2.0, show_default=True, type=click.FloatRange(1, 64),
+              help="--policy keep: longest side / shorter side kept (a 3000x300 panorama becomes 512x256).")
 @click.option("--encoding", type=click.Choice(ENCODINGS), default="raw", show_default=True,
               help="raw: uint8 pixels (~192 KiB an image at 256; fastest to read). "
                    "jpeg: re-encoded at --quality (~10x smaller; decoded when read).")
@@ -61,8 +65,8 @@ def main():
                    "needed when --out holds shards made with other options or from another source.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @report_errors
-def shard(src, out, size, policy, encoding, quality, shard_size, seed, max_pixels, workers, val_labels, engine,
-          ray_address, overwrite, quiet):
+def shard(src, out, size, policy, max_aspect, encoding, quality, shard_size, seed, max_pixels, workers, val_labels,
+          engine, ray_address, overwrite, quiet):
     """Resize every image of SRC into HDF5 shards in --out.
 
     \b
@@ -94,7 +98,7 @@ def shard(src, out, size, policy, encoding, quality, shard_size, seed, max_pixel
     from prep.sources import scan_source
 
     options = ShardOptions(size=size, policy=policy, encoding=encoding, quality=quality,
-                           shard_size=shard_size, seed=seed, max_pixels=max_pixels)
+                           shard_size=shard_size, seed=seed, max_pixels=max_pixels, max_aspect=max_aspect)
     workers = workers or usable_cores()
     settings = " ".join(f"{k}={v}" for k, v in options.as_dict().items())
     click.echo(f"imgprep shard {src} -> {out}  ({settings} " + (f"workers={workers})" if engine == "local"
@@ -241,24 +245,38 @@ def stats_state(root: Path) -> str:
 @shards_argument
 @report_errors
 def verify(shards):
-    """Re-hash every shard of SHARDS against manifest.json; exit 1 naming each mismatch.
+    """Re-hash every shard of SHARDS against manifest.json and open each with the checked reader
+    (its attributes, labels, image table, nothing stored outside it); exit 1 naming each problem.
 
     SHARDS defaults to $IMGPREP_SHARDS, else ./shards.
     """
     from tqdm import tqdm
 
-    from prep.shards import read_manifest, sha256_file, shard_entries
+    from prep.errors import ShardFormatError
+    from prep.shards import open_shards, sha256_file, shard_entries
 
     root = shards_folder(shards)
-    manifest = read_manifest(root)
-    entries = shard_entries(manifest)
+    shard_set = open_shards(root)
+    entries = shard_entries(shard_set.manifest)
     present = [e for e in entries if (root / e["file"]).is_file()]
     problems = [f"missing: {root / e['file']}" for e in entries if e not in present]
     total = sum((root / e["file"]).stat().st_size for e in present)
+    readers = {split: shard_set.split(split) for split in shard_set.splits}
+    by_file = {e["file"]: e for e in present}
     with tqdm(total=total, unit="B", unit_scale=True, desc="verify", dynamic_ncols=True) as bar:
-        for entry in present:
-            if sha256_file(root / entry["file"], on_bytes=bar.update) != entry["sha256"]:
-                problems.append(f"sha256 mismatch: {root / entry['file']}")
+        for split, reader in readers.items():
+            for file_no, name in enumerate(reader.files):
+                entry = by_file.get(name)
+                if entry is None:
+                    continue
+                if sha256_file(root / name, on_bytes=bar.update) != entry["sha256"]:
+                    problems.append(f"sha256 mismatch: {root / name}")
+                    continue
+                try:
+                    reader.shard_file(file_no)
+                except ShardFormatError as error:
+                    problems.append(f"unreadable: {error}")
+            reader.close()
     for problem in problems:
         click.echo(problem, err=True)
     if problems:

@@ -17,8 +17,8 @@ run by torch's vectorised uint8 kernel: about 4x faster than Pillow's own resize
 power of two (libjpeg-turbo scaled IDCT), but never below twice the target's shorter side:
 DCT reduction alone aliases on fine texture, the bicubic pass after it does not.
 
-A source longer than 4:1 is first cut to its central 4:1 part (policy "crop"; "keep": its central
-max(4, 2 max_aspect):1 part): the rest would be cropped away, and resizing it whole could need
+A source longer than 4:1 is first cut to its central 4:1 part (policy "crop"; "keep": beyond
+max(8, 2 max_aspect):1, to that central part): the rest would be cropped away, and resizing it whole could need
 gigabytes for a thin strip.
 
 Colour: every source ends as RGB. Greyscale is repeated, palettes expanded, alpha dropped
@@ -55,6 +55,7 @@ BENIGN_JPEG_WARNINGS = ("extraneous bytes before marker", "Invalid SOS parameter
 # Raster formats only: no EPS/PDF (Pillow would call Ghostscript on them) or other exotica.
 PILLOW_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # JPEG covers MPO
 MAX_ASPECT = 4  # policy "crop": a longer source is first cut to its central 4:1 part
+KEEP_CUT = 8  # policy "keep": the same beyond 8:1 (or 2 max_aspect), where only a strip survives
 # Decoded bytes a pixel of an 8-bit RGB image takes as decoders hold it: RGBX (simplejpeg) or
 # Pillow's 32-bit pixels. No image may decode to more than --max-pixels of those.
 HELD_BYTES_PER_PIXEL = 4
@@ -212,7 +213,7 @@ def resize_image(pixels: np.ndarray, size: int, policy: str, max_aspect: float =
     """
     height, width = pixels.shape[:2]
     source_wh = source_wh or (width, height)
-    longest = max(MAX_ASPECT, 2 * max_aspect) if policy == KEEP_ASPECT else MAX_ASPECT
+    longest = max(KEEP_CUT, 2 * max_aspect) if policy == KEEP_ASPECT else MAX_ASPECT
     if policy != "squash" and max(source_wh) > longest * min(source_wh):
         pixels, source_wh = central_part(pixels, source_wh, longest)
     resized_w, resized_h, left, top, window_w, window_h = output_geometry(*source_wh, size, policy, max_aspect)

@@ -28,7 +28,7 @@ from prep.build import JOURNAL, record_path
 from prep.engines import run_local, run_ray
 from prep.errors import OutputError, PrepError, ShardFormatError
 from prep.plan import ShardOptions, ShardTask, make_plan, plan_fingerprint
-from prep.shards import (MANIFEST, MANIFEST_FORMAT, MEAN_IMAGE, REJECTS, STATS, VERSION, read_manifest,
+from prep.shards import (MANIFEST, MANIFEST_FORMAT, MEAN_IMAGE, REJECTS, STATS, format_version, read_manifest,
                          read_rejects, write_manifest)
 from prep.sources import SPLITS, Dataset
 
@@ -198,7 +198,7 @@ def _finish(out: Path, dataset: Dataset, tasks, done: dict, identity: dict) -> d
                         f"(reasons in {out / REJECTS})")
     manifest = {
         "format": MANIFEST_FORMAT,
-        "version": VERSION,
+        "version": format_version(identity["options"]["policy"]),
         "tool": f"imgprep {__version__}",
         **identity,
         "classes": [{"index": c.index, "wnid": c.wnid, "name": c.name} for c in dataset.classes],

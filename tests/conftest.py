@@ -65,3 +65,16 @@ def stats_shards(tmp_path_factory, shards):
     shutil.copytree(shards, target)
     compute_stats(target, workers=2, progress=False)
     return target
+
+
+@pytest.fixture(scope="session")
+def keep_shards(tmp_path_factory, fake_src):
+    """fake_src sharded with the aspect kept (policy keep), plus its stats.json."""
+    from prep.stats import compute_stats
+
+    out = tmp_path_factory.mktemp("keep") / "out"
+    result = run_cli(["shard", str(fake_src), "--out", str(out), "--policy", "keep", "--shard-size", "16",
+                      "--workers", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    compute_stats(out, workers=2, progress=False)
+    return out

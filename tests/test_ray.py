@@ -36,6 +36,15 @@ def test_ray_engine_writes_the_local_engines_bytes(local_ray, fake_src, shards, 
     assert digest(tmp_path / "ray") == digest(shards)  # `shards`: the same options on the local engine
 
 
+def test_ray_engine_writes_the_local_engines_bytes_with_the_aspect_kept(local_ray, fake_src, keep_shards, tmp_path):
+    result = run_cli(["shard", str(fake_src), "--out", str(tmp_path / "ray"), "--shard-size", "16", "--policy", "keep",
+                      "--engine", "ray", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert shard_hashes(tmp_path / "ray") == shard_hashes(keep_shards)
+    manifest = (tmp_path / "ray" / "manifest.json").read_text()
+    assert manifest == (keep_shards / "manifest.json").read_text()
+
+
 def shard_task_workers() -> list[int]:
     """pids of Ray worker processes running a shard task now (Ray names them ray::<function>)."""
     pids = []
