@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from augment.errors import AugmentError
@@ -19,12 +20,15 @@ class AugmentSpec:
     per-channel normalisation; the paper itself subtracts the mean image (``normalize=
     "mean-image"``), which ``train`` picks for AlexNet (``TrainConfig.normalize``).
 
-    mode "train": a uniformly random ``crop`` x ``crop`` window of the S x S shard image
+    mode "train": a uniformly random ``crop`` x ``crop`` window of the stored image
     (``crop_mode="paper"``) or a random-resized crop (``"random-resized"``: a window of 8-100%
-    of the area and aspect 3/4-4/3, resized to ``crop``, as torchvision's RandomResizedCrop),
-    mirrored with probability ``flip``, plus PCA lighting. "val": the central window.
-    "test10": the paper's ten crops, [B, 10, ...]: top-left, top-right, bottom-left,
-    bottom-right, centre, then the mirror images of those five in the same order.
+    of the whole image's area and aspect 3/4-4/3, resized to ``crop``, as torchvision's
+    RandomResizedCrop), mirrored with probability ``flip``, plus PCA lighting; the Loader's
+    ``set_epoch(epoch, res=...)`` may make an epoch's side ``res`` instead of ``crop``. "val": the
+    central window, or with ``val_resize`` the image's shorter side resized to ``val_resize`` and
+    then the central ``crop`` x ``crop`` (torchvision's Resize + CenterCrop). "test10": the
+    paper's ten crops, [B, 10, ...]: top-left, top-right, bottom-left, bottom-right, centre, then
+    the mirror images of those five in the same order (of the image resized as for "val").
     """
 
     mode: str = "train"
@@ -38,6 +42,8 @@ class AugmentSpec:
     dtype: str = "float32"  # output element type
     layout: str = "NCHW"  # output layout of each image
     crop_mode: str = "paper"  # train window: "paper" (fixed size) or "random-resized"
+    val_resize: int | None = None  # val, test10: shorter side resized to this before the central crop
+    #                                (None: the central crop of the stored image, no resize)
 
     def __post_init__(self):
         for name, value, allowed in (("mode", self.mode, MODES), ("normalize", self.normalize, NORMALIZE),
@@ -47,13 +53,15 @@ class AugmentSpec:
                 raise AugmentError(f"AugmentSpec {name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.crop < 1:
             raise AugmentError(f"AugmentSpec crop must be positive, got {self.crop}")
-        if not 0 <= self.flip <= 1:
+        if not (math.isfinite(self.flip) and 0 <= self.flip <= 1):
             raise AugmentError(f"AugmentSpec flip is a probability, got {self.flip}")
-        if self.lighting < 0:
-            raise AugmentError(f"AugmentSpec lighting is a standard deviation, got {self.lighting}")
-        if self.crop_mode == "random-resized" and self.normalize == "mean-image":
-            raise AugmentError("mean-image normalisation goes with the paper's crops: random-resized windows are "
-                               "resized, so the mean image cannot be cut to match (use --normalize channel)")
+        if not (math.isfinite(self.lighting) and 0 <= self.lighting <= 10):
+            raise AugmentError(f"AugmentSpec lighting is a standard deviation from 0 to 10, got {self.lighting}")
+        if self.val_resize is not None and self.val_resize < self.crop:
+            raise AugmentError(f"AugmentSpec val_resize {self.val_resize} is smaller than the crop {self.crop}")
+        if self.resizes and self.normalize == "mean-image":
+            raise AugmentError("mean-image normalisation goes with the paper's crops: resized windows (random-resized "
+                               "crops, val_resize) cannot have the mean image cut to match (use --normalize channel)")
 
     @property
     def random(self) -> bool:
@@ -64,6 +72,14 @@ class AugmentSpec:
     def per_channel(self) -> bool:
         """Whether normalisation is (x - mean) / std with one mean and std per channel."""
         return self.normalize in ("channel", "torchvision")
+
+    @property
+    def resizes(self) -> bool:
+        """Whether windows are resized to the output (random-resized crops, or val_resize in
+        evaluation), rather than cut at the output's size."""
+        if self.random:
+            return self.crop_mode == "random-resized"
+        return self.val_resize is not None
 
     @property
     def uses_lighting(self) -> bool:

@@ -49,6 +49,36 @@ def debugging() -> bool:
     return bool(os.environ.get(DEBUG_ENV))
 
 
+def quiet_cleanup_echoes() -> None:
+    """After a write has failed (a full disk), h5py's objects still try to flush when they are
+    garbage-collected; Cython prints each such failure twice, through ``sys.excepthook`` and as
+    "Exception ignored ...", with tracebacks, after our one-line error. They repeat the error
+    already reported: with IMGPREP_DEBUG=1 they are printed, otherwise not. Anything else is."""
+    if debugging() or getattr(sys.excepthook, "quiets_h5py", False):
+        return
+    default_excepthook, default_unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def excepthook(kind, value, tb):
+        if not _h5py_cleanup_failure(value, tb):
+            default_excepthook(kind, value, tb)
+
+    def unraisablehook(unraisable):
+        if not _h5py_cleanup_failure(unraisable.exc_value, unraisable.exc_traceback):
+            default_unraisablehook(unraisable)
+
+    excepthook.quiets_h5py = True
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
+def _h5py_cleanup_failure(error, tb) -> bool:
+    """An OSError raised while h5py deallocated an object (h5py/_objects.pyx)."""
+    if not isinstance(error, OSError):
+        return False
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith("_objects.pyx")
+
+
 def report_errors(command):
     """Our own errors become one line (exit 1), Ctrl-C exits 130; anything else keeps its
     traceback. With IMGPREP_DEBUG=1 our errors keep theirs too, a remote one's printed first."""
@@ -56,6 +86,7 @@ def report_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        quiet_cleanup_echoes()  # forked workers inherit it
         try:
             return command(*args, **kwargs)
         except ImgprepError as error:

@@ -24,6 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 from prep.atomic import release_inherited_locks
+from prep.errors import quiet_cleanup_echoes
 from prep.lifeline import die_with_parent, prepare_workers, signals_blocked
 
 
@@ -59,6 +60,7 @@ def _start_worker(table, rows, parent_pid: int, initializer, initargs) -> None:
     global _table, _row
     die_with_parent(parent_pid)
     release_inherited_locks()
+    quiet_cleanup_echoes()  # for workers that were not forked from a command (spawn, tests)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     with rows.get_lock():
         _row, rows.value = rows.value, rows.value + 1

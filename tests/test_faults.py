@@ -307,7 +307,7 @@ def test_augment_spec_errors_are_ours_so_commands_report_them_in_one_line():
     from augment import AugmentSpec
     from prep.errors import ImgprepError
 
-    with pytest.raises(ImgprepError, match="lighting is a standard deviation, got -1"):
+    with pytest.raises(ImgprepError, match="lighting is a standard deviation from 0 to 10, got -1"):
         AugmentSpec(lighting=-1)
 
 

@@ -173,3 +173,20 @@ def test_every_source_layout_gives_the_trees_kept_pixels(layout, flat_tree, tmp_
     assert tree["version"] == other["version"] == 2
     assert tree["splits"]["train"]["count"] == other["splits"]["train"]["count"] == 18
     assert images(tmp_path / "other") == images(tmp_path / "tree")
+
+
+def test_preview_draws_keep_shards_whole_and_their_random_resized_views(keep_shards, tmp_path):
+    result = run_cli(["preview", str(keep_shards), "--out", str(tmp_path / "p.png"), "--images", "2",
+                      "--versions", "3", "--lighting", "0"])
+    assert result.exit_code == 0, result.output
+    sheet = np.asarray(Image.open(tmp_path / "p.png"))
+    assert sheet.shape == (2 * (256 + 6 + 14) + 6, 4 * (256 + 6) + 6, 3)
+    reader = open_shards(keep_shards).split("train")
+    first = int(np.sort(np.random.default_rng(0).choice(len(reader), size=2, replace=False))[0])
+    thumbnail = Image.fromarray(reader[first][0])
+    thumbnail.thumbnail((256, 256))
+    width, height = thumbnail.size
+    assert np.array_equal(sheet[20 : 20 + height, 6 : 6 + width], np.asarray(thumbnail))
+    top, left = 20 + 16, 6 + 262 + 16  # the 224 views sit centred in their 256 cells
+    views = [sheet[top : top + 224, left + k * 262 : left + k * 262 + 224].astype(int) for k in range(3)]
+    assert all(view.std() > 10 for view in views) and np.abs(views[0] - views[1]).mean() > 5

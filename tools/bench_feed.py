@@ -29,7 +29,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import click
@@ -85,30 +84,31 @@ def feed_cost(root: Path, backend: str, batch_size: int, samples: int, workers: 
     same workers, with the main process only taking their batches (no image operations
     competing with them for memory bandwidth)."""
     from augment import AugmentSpec, Loader
-    from augment.dali_pipeline import ShardSource, build_pipeline
-    from augment.loader import start_torch_feed, stop_dali
+    from augment.feed import StreamTable
 
     with Loader(root, "train", batch_size, AugmentSpec(), backend=backend, device="cpu", workers=workers) as loader:
         if not alone:
             batches = (labels for _, labels in endless(loader))
             return worker_cpu_per_sample(batches, loader.worker_pids, workers, samples)
-        if backend == "dali":
-            source = ShardSource(root, "train", loader.plan, loader.colour, 0, 0)
-            with warnings.catch_warnings():  # the unused outputs are the point: the feed alone
-                warnings.simplefilter("ignore")
-                pipe = build_pipeline(source, loader.spec, "raw", loader.size, batch_size, "cpu", workers,
-                                      feed_only=True)
-            try:
-                outputs = (pipe.run()[1] for _ in iter(int, 1))
-                return worker_cpu_per_sample(outputs, lambda: pipe._py_pool.pids(), workers, samples)
-            finally:
-                stop_dali(pipe)
-        iterator, ring = start_torch_feed(loader, 0, 0)
+        table = StreamTable()
+        table.add(0, 0, 0, loader.spec.crop)
         try:
-            filled = (next(iterator).batch.labels for _ in iter(int, 1))
-            return worker_cpu_per_sample(filled, lambda: [w.pid for w in iterator._workers], workers, samples)
+            if backend == "dali":
+                from augment.dali_backend import DaliStream
+
+                stream = DaliStream(loader.request(table), feed_only=True)
+                taken = (next(stream).labels for _ in iter(int, 1))
+            else:
+                from augment.torch_backend import TorchStream
+
+                stream = TorchStream(loader.request(table))
+                taken = (next(stream.iterator).batch.labels for _ in iter(int, 1))
+            try:
+                return worker_cpu_per_sample(taken, lambda: stream.pids, workers, samples)
+            finally:
+                stream.close()
         finally:
-            iterator._shutdown_workers()
+            table.remove()
 
 
 def worker_cpu_per_sample(batches, worker_pids, workers: int, samples: int) -> float:
