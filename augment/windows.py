@@ -22,6 +22,8 @@ was checked against the stored size.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from augment.params import SampleParams, ten_crop_windows
@@ -57,7 +59,9 @@ def resize_into(window: np.ndarray, out: np.ndarray) -> None:
         import torch
         import torch.nn.functional as F
 
-        planar = torch.from_numpy(np.ascontiguousarray(window)).permute(2, 0, 1)[None]  # channels-last memory
+        with warnings.catch_warnings():  # a read-only view of the shard's memory map: only read here
+            warnings.simplefilter("ignore", UserWarning)
+            planar = torch.from_numpy(np.ascontiguousarray(window)).permute(2, 0, 1)[None]  # channels-last memory
         resized = F.interpolate(planar, size=(side, side), mode="bilinear", antialias=True)
         out[...] = resized[0].permute(1, 2, 0).numpy()
 

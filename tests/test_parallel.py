@@ -110,12 +110,24 @@ def wait_for_epochs(out: Path, process: subprocess.Popen, epochs: int, timeout: 
         time.sleep(0.05)
 
 
+def preemptible_run(stats_shards) -> list:
+    # Batch 2: 30 steps an epoch, checked every 10, so the stop lands inside an epoch: the second,
+    # a ramp epoch (training sides 128, 192, 224), so the resumed part must keep its side.
+    return ["run", stats_shards, "--arch", "tiny_models:tiny_dropout", "--epochs", 3, "--nproc", 2,
+            "--device", "cpu", "--workers", 2, "--batch-size", 2, "--res", "128:224", "--res-ramp", "0:2"]
+
+
+@pytest.fixture(scope="module")
+def unstopped_run(stats_shards, tmp_path_factory) -> Path:
+    """The run the preempted ones must end equal to, made once for every stop signal."""
+    out = tmp_path_factory.mktemp("unstopped") / "run"
+    assert train(*preemptible_run(stats_shards), "--out", out).returncode == 0
+    return out
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGUSR1])
-def test_preempted_run_saves_mid_epoch_and_resumes_to_the_same_weights(stats_shards, tmp_path, stop):
-    # Batch 2: 30 steps an epoch, checked every 10, so the stop lands inside an epoch.
-    args = ["run", stats_shards, "--arch", "tiny_models:tiny_dropout", "--epochs", 4, "--nproc", 2,
-            "--device", "cpu", "--workers", 2, "--batch-size", 2]
-    assert train(*args, "--out", tmp_path / "whole").returncode == 0
+def test_preempted_run_saves_mid_epoch_and_resumes_to_the_same_weights(stats_shards, unstopped_run, tmp_path, stop):
+    args = preemptible_run(stats_shards)
     out = tmp_path / "stopped"
     process = start_in_group([*args, "--out", out])
     wait_for_epochs(out, process, 1)
@@ -130,9 +142,9 @@ def test_preempted_run_saves_mid_epoch_and_resumes_to_the_same_weights(stats_sha
     result = train("run", "--resume", out, "--device", "cpu")  # the process count comes from the checkpoint
     assert result.returncode == 0, result.stderr
     assert "resuming" in result.stdout
-    same_weights(weights(tmp_path / "whole"), weights(out))
-    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1, 2, 3]
+    same_weights(weights(unstopped_run), weights(out))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["epoch"], row["res"]) for row in rows] == [(0, 128), (1, 192), (2, 224)]
 
 
 def test_ctrl_c_ends_every_process(stats_shards, tmp_path):

@@ -9,6 +9,11 @@ with p = 0.5, PCA lighting and per-channel normalisation, to float32 NCHW. The b
 each JPEG with Pillow, resizes its shorter side to 256 and applies the same maths per sample
 in DataLoader workers, the way torchvision-style pipelines do. Uses the photo corpus of
 tools.bench_shard (``pip install '.[bench]'``).
+
+With ``--keep`` (the default) the same run adds today's recipe: aspect-kept shards
+(``--policy keep``) with RandomResizedCrop at the sides of FFCV's ramp and its 224, one loader
+per backend moved between sides by ``set_epoch(res=...)``; and the bytes an image takes on disk
+for crop and keep shards, raw and JPEG (q90).
 """
 
 from __future__ import annotations
@@ -78,8 +83,10 @@ def images_per_second(batches, batch_size: int, warmup: int, timed: int) -> floa
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--batches", default=30, show_default=True, help="Timed batches per path (after 3 warm-up).")
 @click.option("--baseline/--no-baseline", default=True, show_default=True, help="Time the JPEG DataLoader too.")
+@click.option("--keep/--no-keep", default=True, show_default=True,
+              help="Also time keep shards with random-resized crops at 160/192/224, and bytes per image.")
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table here.")
-def main(corpus, device, workers, batch_size, batches, baseline, markdown):
+def main(corpus, device, workers, batch_size, batches, baseline, keep, markdown):
     """Images/s of the augment backends against a Pillow JPEG DataLoader."""
     from augment import AugmentSpec, Loader
     from augment.colour import colour_stats
@@ -105,10 +112,23 @@ def main(corpus, device, workers, batch_size, batches, baseline, markdown):
                                                pin_memory=device == "cuda")
             rows.append(("torch DataLoader, Pillow JPEG decode + per-sample maths",
                          images_per_second(endless(jpeg, device), batch_size, 3, batches)))
-        for backend in ("dali", "torch") if dali_available() else ("torch",):
+        backends = ("dali", "torch") if dali_available() else ("torch",)
+        for backend in backends:
             with Loader(shards, "train", batch_size, spec, backend=backend, device=device, workers=workers) as loader:
                 rows.append((f"augment Loader, {backend} backend, raw shards",
                              images_per_second(endless(loader, device), batch_size, 3, batches)))
+        if keep:
+            kept = work / "keep"
+            run_shard_job(scan_tree(corpus), kept, ShardOptions(policy="keep"), workers, progress=False)
+            compute_stats(kept, workers=workers, progress=False)
+            recipe = AugmentSpec(crop_mode="random-resized")
+            for backend in backends:
+                with Loader(kept, "train", batch_size, recipe, backend=backend, device=device, workers=workers,
+                            max_res=224) as loader:
+                    for res in (160, 192, 224):
+                        rows.append((f"augment Loader, {backend} backend, keep shards, random-resized to {res}",
+                                     images_per_second(endless(loader, device, res), batch_size, 3, batches)))
+            sizes = bytes_per_image(corpus, work, shards, kept, workers)
     finally:
         shutil.rmtree(work)
     base = rows[0][1] if baseline else None
@@ -116,7 +136,29 @@ def main(corpus, device, workers, batch_size, batches, baseline, markdown):
              "|---|---|" + ("---|" if base else "")]
     for name, rate in rows:
         lines.append(f"| {name} | {rate:,.0f} |" + (f" {rate / base:.1f}x |" if base else ""))
+    if keep:
+        lines += ["", "| shards (photo corpus) | KB / image | vs crop raw |", "|---|---|---|"]
+        lines += [f"| {name} | {size / 1024:,.1f} | {size / sizes['crop, raw']:.2f}x |" for name, size in sizes.items()]
     report("\n".join(lines), markdown)
+
+
+def bytes_per_image(corpus, work: Path, crop_raw: Path, keep_raw: Path, workers: int) -> dict[str, float]:
+    """Bytes on disk per stored image of crop and keep shards, raw and JPEG (q90)."""
+    from prep.job import run_shard_job
+    from prep.plan import ShardOptions
+    from prep.shards import open_shards
+    from prep.sources import scan_tree
+
+    folders = {"crop, raw": crop_raw, "keep, raw": keep_raw}
+    for policy in ("crop", "keep"):
+        folders[f"{policy}, jpeg q90"] = work / f"{policy}-jpeg"
+        run_shard_job(scan_tree(corpus), folders[f"{policy}, jpeg q90"], ShardOptions(policy=policy, encoding="jpeg"),
+                      workers, progress=False)
+    sizes = {}
+    for name, folder in folders.items():
+        images = len(open_shards(folder).split("train"))
+        sizes[name] = sum(f.stat().st_size for f in folder.rglob("*.h5")) / images
+    return sizes
 
 
 if __name__ == "__main__":

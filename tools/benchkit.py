@@ -37,12 +37,13 @@ def report(table: str, markdown: Path | None) -> None:
         markdown.write_text(f"machine: {machine()}\n\n{table}\n")
 
 
-def endless(loader, device: str | None = None):
-    """Batches of ``loader`` epoch after epoch (calling set_epoch when it has one)."""
+def endless(loader, device: str | None = None, res: int | None = None):
+    """Batches of ``loader`` epoch after epoch (calling set_epoch when it has one, at side
+    ``res`` when given)."""
     epoch = 0
     while True:
         if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
+            loader.set_epoch(epoch, **({"res": res} if res else {}))
         for images, labels in loader:
             yield (images.to(device) if device else images), labels
         epoch += 1

@@ -19,7 +19,7 @@ import click
 
 from prep import shards_folder
 from prep.errors import report_errors
-from train.config import AMP, BACKENDS, CROP_MODES, DEVICES, NORMALIZE, PRESETS, SCHEDULES, default
+from train.config import AMP, BACKENDS, CROP_MODES, DEVICES, NORMALIZE, PRESETS, SCHEDULES, default, preset_values
 
 # TrainConfig fields a resumed run may change: how long, and how it reads its data.
 RESUMABLE_CHANGES = ("epochs", "workers", "backend", "checkpoint_minutes")
@@ -97,14 +97,16 @@ def shown(name: str, text: str = "") -> str:
 
 @main.command()
 @click.argument("shards", required=False, type=click.Path(file_okay=False))
-@click.option("--preset", type=click.Choice(list(PRESETS)), default="paper", show_default=True,
-              help="Starting values; options given explicitly override them. paper: the defaults below. demo "
-                   "(minutes on a CPU): " + ", ".join(f"{k}={v}" for k, v in PRESETS["demo"].items())
-                   + ".")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="alexnet", show_default=True,
+              help="Starting values; options given explicitly override them. alexnet (or paper): the defaults "
+                   "below. " + " ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in PRESETS[name].items()) + "."
+                                        for name in ("demo", "resnet50", "resnet18"))
+                   + " The ResNet presets are FFCV's published ImageNet configs; their --res-ramp follows "
+                     "--epochs as FFCV's tables do (16 epochs: 11:13, 88 epochs: 65:76).")
 @click.option("--out", help="Run folder." + shown("out", "runs/<arch>"))
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path),
               help="Continue the run in this folder from its last.pt (its config; --epochs may grow).")
-@click.option("--arch", help="alexnet, alexnet-owt, a torchvision name, or package.module:factory." + shown("arch"))
+@click.option("--arch", help="alexnet, alexnet-owt, resnet18, resnet50, a torchvision name, or package.module:factory." + shown("arch"))
 @click.option("--epochs", type=int, help="Passes over the training split." + shown("epochs"))
 @click.option("--batch-size", type=int, help="Images per step over all processes." + shown("batch_size"))
 @click.option("--lr", type=float, help="Initial learning rate." + shown("lr"))
@@ -117,13 +119,24 @@ def shown(name: str, text: str = "") -> str:
 @click.option("--schedule", type=click.Choice(SCHEDULES),
               help="plateau: lr/10 when val top-1 stalls for --patience epochs, at most 3 times (the paper); "
                    "step: lr/10 every --step-epochs; cosine: to 0 at the last epoch (growing --epochs on "
-                   "--resume stretches it)." + shown("schedule"))
+                   "--resume stretches it); cyclic: FFCV's triangle, up to lr at --lr-peak-epoch and down to 0 "
+                   "at the end." + shown("schedule"))
+@click.option("--lr-peak-epoch", type=float, help="cyclic: the epoch at which the rate peaks." + shown("lr_peak_epoch"))
 @click.option("--patience", type=int, help="plateau: epochs without improvement before lr/10." + shown("patience"))
 @click.option("--step-epochs", type=int, help="step: epochs between divisions by 10." + shown("step_epochs"))
 @click.option("--warmup-epochs", type=float, help="step, cosine: linear warm-up epochs." + shown("warmup_epochs"))
 @click.option("--crop-mode", type=click.Choice(CROP_MODES),
               help="paper: random window of the 256 image; random-resized: RandomResizedCrop." + shown("crop_mode"))
-@click.option("--crop", type=int, help="Input side in pixels." + shown("crop"))
+@click.option("--crop", type=int, help="Input side in pixels (with --res: the evaluation side)." + shown("crop"))
+@click.option("--val-resize", type=int,
+              help="Evaluation: resize the shorter side to this, then take the central --crop.  [default: no resize]")
+@click.option("--res", "res", type=str, metavar="MIN:MAX",
+              help="Progressive resizing: the training side goes from MIN to MAX over --res-ramp, in multiples of "
+                   "32 (FFCV's rule).  [default: --crop throughout]")
+@click.option("--res-ramp", type=str, metavar="START:END",
+              help="--res: epochs (0-based) of the last MIN and the first MAX side.  [default: 0:0]")
+@click.option("--zero-init-residual", is_flag=True, default=None,
+              help="ResNets: start the last norm layer of every block at zero.")
 @click.option("--lighting", type=float, help="Std of the PCA-lighting alpha, 0 for none." + shown("lighting"))
 @click.option("--normalize", type=click.Choice(NORMALIZE),
               help="channel: (x - mean) / std of stats.json; mean-image: the paper's mean-image subtraction; "
@@ -160,12 +173,14 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, **options):
         nproc, gpus = resumed_processes(state, device)
     device, processes = resolve_processes(device, gpus, nproc)
     given = {k: v for k, v in options.items() if v is not None}
+    given.update(pair_option(given.pop("res", None), "--res", ("min_res", "max_res")))
+    given.update(pair_option(given.pop("res_ramp", None), "--res-ramp", ("ramp_start", "ramp_end")))
     if compile_ is not None:
         given["compile"] = compile_
     if resume:
         config = resumed_config(resume, state, given, shards, out).with_(device=device)
     else:
-        values = {**PRESETS[preset], **given, "device": device}
+        values = {**preset_values(preset, given), "device": device}
         # The backend this run uses, written down: a resume must not switch it silently (the two
         # agree to float rounding only, and --resume promises the very same weights).
         from augment.loader import dali_available
@@ -181,6 +196,16 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, **options):
         click.echo(f"stopped by {result['preempted']} {result['where']}; saved {result['checkpoint']}: continue "
                    f"with 'train run --resume {config.out}'", err=True)
         raise SystemExit(PREEMPTED_EXIT)
+
+
+def pair_option(text: str | None, option: str, names: tuple[str, str]) -> dict:
+    """"A:B" -> {names[0]: A, names[1]: B}, two whole numbers; a one-line error otherwise."""
+    if text is None:
+        return {}
+    first, colon, second = text.partition(":")
+    if not (colon and first.strip().isdigit() and second.strip().isdigit()):
+        raise click.BadParameter(f"expected two whole numbers as A:B, got {text!r}", param_hint=option)
+    return {names[0]: int(first), names[1]: int(second)}
 
 
 def resumed_processes(state: dict, device) -> tuple[int | None, int | None]:
@@ -221,7 +246,11 @@ def check_run(config, processes: int, resume: bool) -> None:
     per_rank = per_rank_batch(config.batch_size, processes)
     check_arch(config.arch)
     shard_set = open_shards(config.shards)
-    check_input_size(config.arch, len(shard_set.classes), config.crop)
+    for side in sorted({config.crop, config.res_at(0), config.largest_res()}):
+        check_input_size(config.arch, len(shard_set.classes), side)
+    if config.crop_mode == "paper" and shard_set.square and config.largest_res() > shard_set.size:
+        raise click.ClickException(f"--res {config.min_res}:{config.max_res} asks for windows larger than the "
+                                   f"{shard_set.size} px images of {config.shards}")
     check_batch_fits(len(shard_set.split("train")), per_rank, processes, "train")
     colour_stats(config.shards, config.augment_spec("train"))
     if config.schedule == "plateau" and not ("val" in shard_set.splits and len(shard_set.split("val"))):

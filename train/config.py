@@ -8,9 +8,19 @@ used where the text is silent), each written once, here:
   divided by 10 when validation top-1 stops improving, 90 epochs;
 - random 224 windows of the 256 images, mirrors, PCA lighting of std 0.1;
 - inputs: the paper subtracts the mean image, which its N(0, 0.01) initialisation expects. So
-  ``normalize`` left unset becomes "mean-image" for AlexNet with the paper's crops and
-  "channel" (per-channel mean and std) for every other network or crop mode;
+  ``normalize`` left unset becomes "mean-image" for AlexNet with the paper's crops (no
+  val_resize, no resolution ramp) and "channel" (per-channel mean and std) otherwise;
 - ``out`` left unset becomes runs/<arch>.
+
+Resolution (FFCV's progressive resizing): with ``min_res`` and ``max_res`` set, the training side
+of epoch e is
+
+    res(e) = min_res                                        e <= ramp_start
+           = max_res                                        e >= ramp_end
+           = 32 * round(lerp(min_res, max_res, (e - ramp_start) / (ramp_end - ramp_start)) / 32)
+
+and ``crop`` (with ``val_resize``) is the evaluation side. The "cyclic" schedule is FFCV's
+triangle: lr * 1e-4 at the start, lr at ``lr_peak_epoch``, 0 at the end, linear per step.
 
 ``train run`` builds one from its options (its --help takes the defaults from here); a
 checkpoint stores it as a plain dict, so a resumed run is the same run.
@@ -25,7 +35,7 @@ from augment.spec import AugmentSpec, CROP_MODES, NORMALIZE
 from prep import DEFAULT_SHARDS
 from prep.errors import ImgprepError
 
-SCHEDULES = ("plateau", "step", "cosine")
+SCHEDULES = ("plateau", "step", "cosine", "cyclic")
 AMP = ("bf16", "fp16", "off")
 DEVICES = ("cuda", "cpu")
 BACKENDS = ("dali", "torch")
@@ -47,12 +57,19 @@ class TrainConfig:
     weight_decay: float = 5e-4  # L2 penalty, applied by SGD
     no_bias_decay: bool = True  # exempt biases and 1-d parameters from weight decay (cuda-convnet)
     label_smoothing: float = 0.0  # cross-entropy label smoothing (0: the paper)
-    schedule: str = "plateau"  # plateau: lr / 10 when val top-1 stalls (paper); step; cosine
+    schedule: str = "plateau"  # plateau: lr / 10 when val top-1 stalls (paper); step; cosine; cyclic (FFCV)
+    lr_peak_epoch: float = 2.0  # cyclic: the epoch at which the rate peaks
     patience: int = 5  # plateau: epochs without a better val top-1 before lr / 10 (at most 3 times)
     step_epochs: int = 30  # step: lr / 10 every this many epochs
     warmup_epochs: float = 0.0  # step, cosine: linear warm-up from 0 over this many epochs
     crop_mode: str = "paper"  # paper: random 224 window of 256; random-resized: RandomResizedCrop
-    crop: int = 224  # input side in pixels
+    crop: int = 224  # input side in pixels (with min_res/max_res: the evaluation side only)
+    val_resize: int | None = None  # evaluation: shorter side resized to this, then the central crop
+    min_res: int | None = None  # training side before the ramp (None: crop, no ramp)
+    max_res: int | None = None  # training side after the ramp
+    ramp_start: int = 0  # last epoch (0-based) at min_res
+    ramp_end: int = 0  # first epoch at max_res
+    zero_init_residual: bool = False  # ResNets: the last norm of each block starts at 0
     lighting: float = 0.1  # std of the PCA-lighting alpha (0: off)
     normalize: str | None = None  # channel | mean-image | torchvision | none (None: see the module docstring)
     backend: str | None = None  # augment backend: dali | torch (default: dali when installed)
@@ -67,7 +84,8 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.normalize is None:
-            paper_input = self.arch == "alexnet" and self.crop_mode == "paper"
+            paper_input = (self.arch == "alexnet" and self.crop_mode == "paper" and self.val_resize is None
+                           and self.min_res is None)
             object.__setattr__(self, "normalize", "mean-image" if paper_input else "channel")
         if self.out is None:
             object.__setattr__(self, "out", "runs/" + self.arch.replace(":", "-").replace(".", "-"))
@@ -87,17 +105,44 @@ class TrainConfig:
             raise ConfigError("lr must be positive, weight decay non-negative, momentum in [0, 1)")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
-        for name in ("lighting", "workers", "warmup_epochs", "checkpoint_minutes"):
+        self.check_resolution()
+        for name in ("lighting", "workers", "warmup_epochs", "checkpoint_minutes", "lr_peak_epoch"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        self.augment_spec("train")  # the augmentation's own checks (crop mode against normalisation)
+        for mode in ("train", "val"):  # the augmentation's own checks (crop mode against normalisation)
+            self.augment_spec(mode)
         if self.backend is not None and self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
+    def check_resolution(self) -> None:
+        if (self.min_res is None) != (self.max_res is None):
+            raise ConfigError("give both ends of the resolution ramp (--res MIN:MAX), or neither")
+        if self.min_res is not None and not 1 <= self.min_res <= self.max_res:
+            raise ConfigError(f"--res MIN:MAX needs 1 <= MIN <= MAX, got {self.min_res}:{self.max_res}")
+        if not 0 <= self.ramp_start <= self.ramp_end:
+            raise ConfigError(f"--res-ramp START:END needs 0 <= START <= END, got {self.ramp_start}:{self.ramp_end}")
+
+    def res_at(self, epoch: int) -> int:
+        """The training side of ``epoch`` (the module docstring's rule; ``crop`` without a ramp)."""
+        if self.min_res is None:
+            return self.crop
+        if epoch <= self.ramp_start:
+            return self.min_res
+        if epoch >= self.ramp_end:
+            return self.max_res
+        fraction = (epoch - self.ramp_start) / (self.ramp_end - self.ramp_start)
+        return 32 * round((self.min_res + fraction * (self.max_res - self.min_res)) / 32)
+
+    def largest_res(self) -> int:
+        return self.crop if self.max_res is None else self.max_res
+
     def augment_spec(self, mode: str = "train", layout: str = "NCHW") -> AugmentSpec:
-        """The loader's recipe for ``mode`` ("train", "val", "test10"): lighting in training only."""
-        return AugmentSpec(mode=mode, crop=self.crop, lighting=self.lighting if mode == "train" else 0,
-                           normalize=self.normalize, layout=layout, crop_mode=self.crop_mode)
+        """The loader's recipe for ``mode`` ("train", "val", "test10"): lighting in training only,
+        val_resize in evaluation only (training sides come per epoch from ``res_at``)."""
+        train = mode == "train"
+        return AugmentSpec(mode=mode, crop=self.crop, lighting=self.lighting if train else 0,
+                           normalize=self.normalize, layout=layout, crop_mode=self.crop_mode,
+                           val_resize=None if train else self.val_resize)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -117,12 +162,51 @@ def default(name: str):
     return None if field.default is MISSING else field.default
 
 
-# Starting values that options given explicitly override. "paper" is the defaults themselves.
+# Starting values that options given explicitly override. "alexnet" (also "paper") is the defaults.
+# The ResNet presets are FFCV's published ImageNet configs (libffcv/ffcv-imagenet, rn50_configs and
+# rn18_configs): their per-GPU batch times their GPU count is our global batch (rn50: 512 x 8;
+# rn18: 1024 x 1); the resolution ramp follows --epochs (``ffcv_ramp``); they evaluate a central
+# 224/256 of the shorter side resized to 256, which is our val_resize 292 + crop 256.
+FFCV_RESNET = {"crop_mode": "random-resized", "lighting": 0.0, "normalize": "torchvision", "schedule": "cyclic",
+               "lr_peak_epoch": 2.0, "momentum": 0.9, "label_smoothing": 0.1, "no_bias_decay": True, "epochs": 16,
+               "min_res": 160, "max_res": 192, "crop": 256, "val_resize": 292, "channels_last": True}
 PRESETS = {
+    "alexnet": {},
     "paper": {},
     # About a minute on two CPU cores (with 128-px shards): AlexNet's single column on 112-px
     # windows, batch 16, cosine schedule over 8 epochs. Enough for the generated 4-class set to
     # be learnt; says nothing about ImageNet accuracy.
     "demo": {"arch": "alexnet-owt", "crop": 112, "epochs": 8, "batch_size": 16, "lr": 0.01, "schedule": "cosine",
              "warmup_epochs": 1.0, "workers": 2, "log_every": 5},
+    "resnet50": {**FFCV_RESNET, "arch": "resnet50", "batch_size": 4096, "lr": 1.7, "weight_decay": 1e-4},
+    "resnet18": {**FFCV_RESNET, "arch": "resnet18", "batch_size": 1024, "lr": 0.5, "weight_decay": 5e-5},
 }
+
+# FFCV's configs: epochs -> (ramp_start, ramp_end) of the 160 -> 192 ramp.
+FFCV_RAMPS = {16: (11, 13), 24: (17, 20), 32: (23, 27), 40: (29, 34), 56: (41, 48), 88: (65, 76)}
+
+
+def ffcv_ramp(epochs: int) -> tuple[int, int]:
+    """FFCV's ramp for a run of ``epochs``: its table where it has one; in between (and beyond)
+    the neighbouring entries' start and end as fractions of the run, interpolated."""
+    if epochs in FFCV_RAMPS:
+        return FFCV_RAMPS[epochs]
+    known = sorted(FFCV_RAMPS)
+    below = max([e for e in known if e < epochs], default=known[0])
+    above = min([e for e in known if e > epochs], default=known[-1])
+    weight = 0.0 if above == below else (epochs - below) / (above - below)
+
+    def fraction(which: int) -> float:
+        return (1 - weight) * FFCV_RAMPS[below][which] / below + weight * FFCV_RAMPS[above][which] / above
+
+    start = min(epochs - 1, max(0, round(fraction(0) * epochs)))
+    return start, max(start, min(epochs - 1, round(fraction(1) * epochs)))
+
+
+def preset_values(preset: str, given: dict) -> dict:
+    """The preset's starting values overridden by ``given``; a ResNet preset's ramp follows the
+    run's epochs unless --res-ramp was given."""
+    values = {**PRESETS[preset], **given}
+    if preset in ("resnet50", "resnet18") and "ramp_start" not in given:
+        values["ramp_start"], values["ramp_end"] = ffcv_ramp(values["epochs"])
+    return values

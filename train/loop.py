@@ -109,7 +109,8 @@ def make_loaders(config: TrainConfig, context: dist.Context, loaders: contextlib
     train_loader = None
     if train:
         train_loader = loaders.enter_context(
-            Loader(shard_set, "train", per_rank, config.augment_spec("train", layout), **common))
+            Loader(shard_set, "train", per_rank, config.augment_spec("train", layout), max_res=config.largest_res(),
+                   **common))
     val = None
     if "val" in shard_set.splits and len(shard_set.split("val")):
         val = loaders.enter_context(Loader(shard_set, "val", per_rank, config.augment_spec(eval_mode, layout), **common))
@@ -169,7 +170,7 @@ def run(config: TrainConfig, resume: bool, context: dist.Context, stop: StopSign
         train_loader, val_loader = make_loaders(config, context, loaders)
         classes = train_loader.shard_set.classes
         torch.manual_seed(config.seed)  # the same initial weights on every rank
-        model = build_model(config.arch, len(classes)).to(context.device)
+        model = build_model(config.arch, len(classes), config.zero_init_residual).to(context.device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, config)
@@ -195,15 +196,16 @@ def run(config: TrainConfig, resume: bool, context: dist.Context, stop: StopSign
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             if partial and partial["epoch"] == epoch:  # resuming mid-epoch: the loader's place, the loss so far
-                train_loader.load_state_dict(partial)
+                train_loader.load_state_dict({**partial, "res": config.res_at(epoch)})
                 carried = (partial["loss"][context.rank], partial["count"])
             else:
-                train_loader.set_epoch(epoch)
+                train_loader.set_epoch(epoch, res=config.res_at(epoch))
                 carried = (0.0, 0)
             train_loss, stopped = train_epoch(net, trainee, config, context, epoch, carried, stop, saver)
             if stopped:
                 return saver.preempted(stop, mid_epoch=True)
-            metrics = {"epoch": epoch, "step": trainee.step, "train_loss": train_loss, "lr": trainee.schedule.lr}
+            metrics = {"epoch": epoch, "step": trainee.step, "train_loss": train_loss, "lr": trainee.schedule.lr,
+                       "res": train_loader.res}
             if val_loader is not None:
                 val_loader.set_epoch(epoch)
                 metrics.update({f"val_{k}": v for k, v in evaluate(evaluator, val_loader, config, context).items()})
@@ -375,7 +377,7 @@ def epoch_line(metrics: dict, config: TrainConfig) -> str:
     line = f"epoch {metrics['epoch'] + 1}/{config.epochs}  train loss {metrics['train_loss']:.4f}"
     if "val_top1" in metrics:
         line += f"  val top-1 {100 * metrics['val_top1']:.2f}%  top-5 {100 * metrics['val_top5']:.2f}%"
-    return line + f"  lr {metrics['lr']:.2e}  {metrics['seconds']:.0f} s"
+    return line + f"  lr {metrics['lr']:.2e}  res {metrics.get('res', config.crop)}  {metrics['seconds']:.0f} s"
 
 
 def print_summary(config, context, model, train_loader, val_loader, start_epoch, partial) -> None:

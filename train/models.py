@@ -1,6 +1,7 @@
 """The models, as plain modules, and how ``--arch`` finds one.
 
-``MODELS`` maps a name to a constructor taking ``num_classes``. Anything else comes by import
+``MODELS`` maps a name to a constructor taking ``num_classes`` (the ResNets also
+``zero_init_residual``). Anything else comes by import
 path, ``package.module:factory`` (a callable taking ``num_classes``), or by torchvision name
 when torchvision is installed.
 """
@@ -105,7 +106,113 @@ class AlexNetOWT(nn.Module):
         return self.classifier(torch.flatten(x, 1))  # (B, num_classes)
 
 
-MODELS = {"alexnet": AlexNet, "alexnet-owt": AlexNetOWT}
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions and a shortcut: y = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)),
+    the shortcut a strided 1x1 convolution and norm where the shape changes (ResNet-18, -34)."""
+
+    expansion = 1
+
+    def __init__(self, inputs: int, width: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = shortcut(inputs, width, stride)
+
+    def last_norm(self) -> nn.BatchNorm2d:
+        return self.bn2
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (self.downsample(x) if self.downsample is not None else x))
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride, as torchvision's v1.5 does), 1x1 expand by 4, plus
+    the shortcut (ResNet-50 and deeper)."""
+
+    expansion = 4
+
+    def __init__(self, inputs: int, width: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = shortcut(inputs, width * 4, stride)
+
+    def last_norm(self) -> nn.BatchNorm2d:
+        return self.bn3
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (self.downsample(x) if self.downsample is not None else x))
+
+
+def shortcut(inputs: int, outputs: int, stride: int) -> nn.Sequential | None:
+    if stride == 1 and inputs == outputs:
+        return None
+    return nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+
+
+class ResNet(nn.Module):
+    """He et al. 2016, laid out as torchvision's ``ResNet`` (same module names, so the same
+    state_dict keys and shapes: its published weights load): a 7x7/2 stem and 3x3/2 max pool,
+    four stages of ``blocks`` (widths 64-512, stride 2 from the second), global average pool, fc.
+    Convolutions start as He-normal (fan out), norms at weight 1 and bias 0; with
+    ``zero_init_residual`` each block's last norm starts at 0, so every block starts as the
+    identity (Goyal et al. 2017)."""
+
+    def __init__(self, block, blocks: tuple, num_classes: int = 1000, zero_init_residual: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inputs = 64
+        for stage, (width, count) in enumerate(zip((64, 128, 256, 512), blocks)):
+            layers = []
+            for k in range(count):
+                layers.append(block(inputs, width, 2 if stage and k == 0 else 1))
+                inputs = width * block.expansion
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*layers))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inputs, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if zero_init_residual:
+            for module in self.modules():
+                if isinstance(module, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(module.last_norm().weight)
+
+    def forward(self, x):  # (B, 3, H, W), any H, W >= 32
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18(num_classes: int = 1000, zero_init_residual: bool = False) -> ResNet:
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, zero_init_residual)
+
+
+def resnet50(num_classes: int = 1000, zero_init_residual: bool = False) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, zero_init_residual)
+
+
+MODELS = {"alexnet": AlexNet, "alexnet-owt": AlexNetOWT, "resnet18": resnet18, "resnet50": resnet50}
+RESNETS = ("resnet18", "resnet50")
 
 
 class UnknownArch(ImgprepError, ValueError):
@@ -139,9 +246,15 @@ def check_arch(arch: str) -> None:
         raise UnknownArch(f"unknown --arch {arch!r}: use {known}, or package.module:factory")
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
+def build_model(arch: str, num_classes: int, zero_init_residual: bool = False) -> nn.Module:
     """A fresh model: a name of MODELS, ``package.module:factory``, or a torchvision name."""
     check_arch(arch)
+    if zero_init_residual and arch not in RESNETS:
+        from train.config import ConfigError
+
+        raise ConfigError(f"--zero-init-residual is for {' and '.join(RESNETS)}, not --arch {arch}")
+    if arch in RESNETS:
+        return MODELS[arch](num_classes=num_classes, zero_init_residual=zero_init_residual)
     if arch in MODELS:
         return MODELS[arch](num_classes=num_classes)
     if ":" in arch:

@@ -5,6 +5,8 @@
     step:    lr0 * 0.1 ** floor(epoch / step_epochs)
     cosine:  lr0 * (1 + cos(pi * t)) / 2, t the fraction of the run after warm-up
     warm-up (step, cosine): the rate above times min(1, (step + 1) / warm-up steps)
+    cyclic (FFCV):  piecewise linear in t = step / steps per epoch through (0, 1e-4 lr0),
+                    (lr_peak_epoch, lr0) and (epochs, 0)
 
 step and cosine are set before every optimizer step; plateau changes only between epochs.
 """
@@ -16,6 +18,12 @@ import math
 from train.config import TrainConfig
 
 MAX_REDUCTIONS = 3
+
+
+def cyclic_rate(epoch: float, lr: float, peak: float, epochs: int) -> float:
+    if epoch <= peak:
+        return lr * (1e-4 + (1 - 1e-4) * epoch / peak) if peak > 0 else lr
+    return lr * max(0.0, (epochs - epoch) / (epochs - peak)) if epochs > peak else 0.0
 
 
 class Schedule:
@@ -33,6 +41,8 @@ class Schedule:
         if config.schedule == "plateau":
             return self.lr
         epoch = step / self.steps_per_epoch
+        if config.schedule == "cyclic":
+            return cyclic_rate(epoch, config.lr, config.lr_peak_epoch, config.epochs)
         warmup = config.warmup_epochs * self.steps_per_epoch
         factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
         if config.schedule == "step":
