@@ -14,7 +14,8 @@ def test_readme_has_python_examples():
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.splitlines()[0] for b in BLOCKS])
-def test_readme_example_runs(block, stats_shards, tmp_path, monkeypatch):
-    (tmp_path / "shards").symlink_to(stats_shards)  # the examples read ./shards
+def test_readme_example_runs(block, stats_shards, keep_shards, tmp_path, monkeypatch):
+    (tmp_path / "shards").symlink_to(stats_shards)  # the examples read ./shards and ./shards-keep
+    (tmp_path / "shards-keep").symlink_to(keep_shards)
     monkeypatch.chdir(tmp_path)
     exec(compile(block, str(README), "exec"), {})
