@@ -20,8 +20,10 @@ import click
 
 def missing(dry_run: bool) -> str | None:
     """The first piece of the GPU stack that is not importable, as one sentence; None if all are."""
-    import torch
-
+    try:
+        import torch
+    except ImportError as error:
+        return f"torch is not importable ({error})"
     if not dry_run and not torch.cuda.is_available():
         return f"CUDA: torch {torch.__version__} (built for CUDA {torch.version.cuda}) sees no GPU"
     try:
@@ -48,6 +50,26 @@ def pinned_registration() -> str:
     return "works"
 
 
+# The carried wheels and the versions that ran here (tools/gpu_check.sh's header says why).
+EXPECTED = {"nvidia-dali-cuda130": "2.4.0", "nvidia-nvimgcodec-cu13": "0.9.0.20", "nvidia-libnvcomp-cu13": "5.3.0.16",
+            "nvidia-nvjpeg": "13.3.2.43", "nvidia-nvjpeg2k-cu13": "0.11.0.51", "nvidia-nvtiff-cu13": "0.8.0.82"}
+
+
+def carried_versions() -> str:
+    """Each carried wheel's installed version, marked where it is not the one that ran here
+    (a different nvJPEG can change decode speed: the numbers would not compare)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name, expected in EXPECTED.items():
+        try:
+            got = version(name)
+        except PackageNotFoundError:
+            got = "not installed"
+        found.append(f"{name} {got}" + ("" if got == expected else f" (expected {expected})"))
+    return ", ".join(found)
+
+
 def versions() -> str:
     import torch
     from nvidia import dali
@@ -67,6 +89,7 @@ def main(dry_run):
     import nvidia
 
     click.echo(versions())
+    click.echo(f"wheels: {carried_versions()}")
     click.echo(f"nvidia.__path__: {list(nvidia.__path__)}")
     shm = subprocess.run(["df", "-h", "/dev/shm"], capture_output=True, text=True)
     click.echo(shm.stdout.rstrip() or f"df -h /dev/shm: {shm.stderr.strip()}")
