@@ -173,6 +173,10 @@ def run(config: TrainConfig, resume: bool, context: dist.Context, stop: StopSign
         model = build_model(config.arch, len(classes), config.zero_init_residual).to(context.device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if context.device.type == "cuda":
+            # Shapes are fixed within an epoch (full batches, one res): cuDNN may time its
+            # algorithms once per shape and keep the fastest.
+            torch.backends.cudnn.benchmark = True
         optimizer = make_optimizer(model, config)
         trainee = Trainee(model, optimizer, Schedule(optimizer, config, len(train_loader)),
                           torch.amp.GradScaler("cuda", enabled=context.device.type == "cuda" and config.amp == "fp16"),
