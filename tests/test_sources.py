@@ -37,6 +37,20 @@ def test_class_folder_validation(tree):
     assert [(r.path, r.reason) for r in dataset.rejects] == [("val/n99/v2.JPEG", "class folder 'n99' is not in train/")]
 
 
+def test_hidden_folders_are_not_classes(tree):
+    # A notebook's checkpoint folder sorts first: as a class it would shift every label by one.
+    touch(tree / "train" / ".ipynb_checkpoints" / "n01_1-checkpoint.JPEG")
+    touch(tree / "val" / ".ipynb_checkpoints" / "v0.JPEG")
+    touch(tree / "val" / "n01" / "v1.JPEG")
+    dataset = scan_tree(tree)
+    assert [c.wnid for c in dataset.classes] == ["n01", "n02", "n03"]
+    assert dict(dataset.splits["train"])["train/n01/n01_1.JPEG"] == 0
+    assert dataset.splits["val"] == (("val/n01/v1.JPEG", 0),)
+    hidden = "a hidden folder, not a class; its files are not read"
+    assert [(r.path, r.reason) for r in dataset.rejects] == [("train/.ipynb_checkpoints", hidden),
+                                                             ("val/.ipynb_checkpoints", hidden)]
+
+
 @pytest.mark.parametrize("name,line", [("LOC_synset_mapping.txt", "n02 goldfish, Carassius auratus"),
                                        ("synset_words.txt", "n02 goldfish, Carassius auratus"),
                                        ("words.txt", "n02\tgoldfish, Carassius auratus")])

@@ -159,6 +159,9 @@ def _class_folders(split_dir: Path, split: str, rejects: list[Reject]) -> dict[s
             rejects.append(Reject(split, key, "not inside a class folder"))
         elif not is_utf8(entry.name):
             rejects.append(Reject(split, key, _name_reason(kind)))
+        elif entry.name.startswith("."):
+            # .ipynb_checkpoints, .git, .Trash: taken as a class, it would shift every label after it.
+            rejects.append(Reject(split, key, "a hidden folder, not a class; its files are not read"))
         elif kind == "folder link" and _is_at_or_above(Path(os.path.realpath(entry.path)), split_dir):
             rejects.append(Reject(split, key, "a link to a folder above it (a cycle)"))
         else:
