@@ -1,5 +1,6 @@
 """Sharding straight from ILSVRC-2012-style archives and from Kaggle's layout."""
 
+import io
 import json
 import tarfile
 
@@ -28,6 +29,31 @@ def test_archives_give_the_same_shards_as_the_extracted_tree(tree, tmp_path):
     assert shard_hashes(tmp_path / "from-archives") == shard_hashes(from_tree)
     assert manifest["splits"]["val"]["count"] == 9 and manifest["splits"]["train"]["count"] == 18
     assert manifest["classes"][0] == {"index": 0, "wnid": "n01440764", "name": "tench, Tinca tinca"}
+
+
+def dot_prefixed(tar: bytes, inner: bool = False) -> bytes:
+    """The tar as ``tar -C DIR -cf x.tar .`` writes it: a ``./`` folder first, every name under ``./``."""
+    members = {"./": tarfile.TarInfo("./")}
+    members["./"].type = tarfile.DIRTYPE
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        for member in archive.getmembers():
+            data = archive.extractfile(member).read()
+            members["./" + member.name] = dot_prefixed(data) if inner else data
+    return tar_bytes(members)
+
+
+def test_dot_prefixed_member_names_give_the_extracted_trees_shards(tree, tmp_path):
+    archives = make_archives(tree, tmp_path / "ilsvrc")
+    for name, inner in (("ILSVRC2012_img_train.tar", True), ("ILSVRC2012_img_val.tar", False)):
+        path = archives / name
+        path.write_bytes(dot_prefixed(path.read_bytes(), inner))
+    with tarfile.open(archives / "ILSVRC2012_img_val.tar") as val:
+        assert val.getnames()[:2] == [".", "./" + sorted((tree / "val").iterdir())[0].name]
+    from_tree = tmp_path / "from-tree"
+    shard(tree, from_tree, "--val-labels", str(tree / "val_labels.txt"))
+    manifest = shard(archives, tmp_path / "from-archives")
+    assert manifest["splits"]["val"]["count"] == 9 and manifest["splits"]["train"]["count"] == 18
+    assert shard_hashes(tmp_path / "from-archives") == shard_hashes(from_tree)
 
 
 def test_devkit_ids_are_mapped_through_wnids(tree, tmp_path):

@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from prep.errors import SourceError
 from prep.sources.common import (Dataset, Reject, is_utf8, label_flat_files, make_classes, printable, read_class_names,
                                  read_val_labels)
-from prep.sources.tars import ArchiveReader, image_member_problem, last_of_each_name, list_members
+from prep.sources.tars import ArchiveReader, image_member_problem, last_of_each_name, list_members, plain_names
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -73,7 +73,7 @@ def scan_archives(root: Path, val_labels=None) -> Dataset:
     with open(root / TRAIN_TAR, "rb") as f:
         try:
             outer = tarfile.open(fileobj=f, mode="r:")
-            for member in last_of_each_name(outer.getmembers(), "train", "train/", rejects):
+            for member in last_of_each_name(plain_names(outer.getmembers()), "train", "train/", rejects):
                 _index_class_tar(f, member, index, rejects, items_by_wnid)
         except tarfile.TarError as error:
             raise SourceError(f"{root / TRAIN_TAR} is not a readable tar: {error}") from None
@@ -119,7 +119,7 @@ def _scan_val(root, val_labels, devkit, classes, index, rejects) -> tuple:
     members = []
     with open(root / VAL_TAR, "rb") as f:
         try:
-            listed = tarfile.open(fileobj=f, mode="r:").getmembers()
+            listed = plain_names(tarfile.open(fileobj=f, mode="r:").getmembers())
             for member in last_of_each_name(listed, "val", "val/", rejects):
                 key = f"val/{printable(member.name)}"
                 reason = image_member_problem(member, "the validation tar") if not member.isdir() else None

@@ -62,6 +62,15 @@ def refuse_val_labels(root: Path, val_labels, labelled_by: str) -> None:
         raise SourceError(f"--val-labels does not apply to {root}: {labelled_by}")
 
 
+def plain_names(members: list) -> list:
+    """``members`` with a leading ``./`` taken off each name (what ``tar -C DIR -cf x.tar .``
+    writes), and that ``.`` folder itself left out: keys and labels are those of the extracted tree."""
+    for member in members:
+        while member.name.startswith("./"):
+            member.name = member.name[2:]
+    return [m for m in members if m.name not in ("", ".")]
+
+
 def list_members(fileobj) -> tuple[list, Exception | None]:
     """The members of the tar in (seekable) ``fileobj`` up to any damage, and that damage (or
     None): the members listed before it are still good, and one damaged tar must not stop a scan.
@@ -75,11 +84,12 @@ def list_members(fileobj) -> tuple[list, Exception | None]:
         for member in archive:
             members.append(member)
     except tarfile.TarError as error:
-        return members, error
+        return plain_names(members), error
     fileobj.seek(archive.offset)
     if fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
-        return members, tarfile.ReadError(f"no valid member header at byte {archive.offset:,} (truncated or damaged)")
-    return members, None
+        return plain_names(members), tarfile.ReadError(
+            f"no valid member header at byte {archive.offset:,} (truncated or damaged)")
+    return plain_names(members), None
 
 
 def last_of_each_name(members: list, split: str, prefix: str, rejects: list) -> list:
