@@ -54,6 +54,8 @@ def per_rank_batch(global_batch: int, world_size: int) -> int:
 def check_batch_fits(n: int, batch_size: int, world_size: int, split: str, shuffle: bool = True) -> None:
     """Training drops the remainder, so one full step over all ranks must fit in the split;
     evaluation takes any batch size (a short last batch)."""
-    if batch_size < 1 or (shuffle and batch_size * world_size > n):
+    if batch_size < 1:
+        raise AugmentError(f"batch size must be at least 1, got {batch_size}")
+    if shuffle and batch_size * world_size > n:
         total = f"{batch_size * world_size} ({batch_size} x {world_size} processes)" if world_size > 1 else batch_size
         raise AugmentError(f"batch size {total} is larger than the {n} images of split '{split}'")

@@ -189,6 +189,12 @@ def test_ranks_yield_disjoint_samples_that_cover_the_split(stats_shards, backend
             assert yielded_ids(loader) == stored_ids(val, range(rank, len(val), 3))
 
 
+@pytest.mark.parametrize("batch_size", [0, -3])
+def test_a_batch_size_below_one_says_so(stats_shards, batch_size):
+    with pytest.raises(AugmentError, match=f"batch size must be at least 1, got {batch_size}"):
+        Loader(stats_shards, "val", batch_size, AugmentSpec(mode="val"), backend="torch", device="cpu", workers=0)
+
+
 def test_sampler_arithmetic():
     assert batches_per_epoch(100, 8, 0, 3, shuffle=True) == 4  # 100 // 24
     assert batches_per_epoch(100, 8, 0, 3, shuffle=False) == 5  # ceil(34 / 8)
