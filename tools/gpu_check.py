@@ -65,18 +65,21 @@ def fake_dataset(train: int, val_per_class: int):
 
 
 def make_shards(work: Path, images: int, val_per_class: int, workers: int) -> dict:
-    """Raw and JPEG shard folders (with colour statistics) of the same fake pictures."""
+    """Raw and JPEG shard folders, and aspect-kept raw ones ("keep"), with colour statistics, of
+    the same fake pictures."""
     from prep.job import run_shard_job
     from prep.plan import ShardOptions
     from prep.stats import compute_stats
 
     dataset = fake_dataset(images, val_per_class)
     shards = {}
-    for encoding in ("raw", "jpeg"):
-        out = work / f"shards-{encoding}"
-        run_shard_job(dataset, out, ShardOptions(encoding=encoding, shard_size=256), workers, progress=False)
+    for name, options in (("raw", ShardOptions(encoding="raw", shard_size=256)),
+                          ("jpeg", ShardOptions(encoding="jpeg", shard_size=256)),
+                          ("keep", ShardOptions(encoding="raw", policy="keep", shard_size=256))):
+        out = work / f"shards-{name}"
+        run_shard_job(dataset, out, options, workers, progress=False)
         compute_stats(out, workers=workers, progress=False)
-        shards[encoding] = out
+        shards[name] = out
     return shards
 
 
@@ -191,6 +194,22 @@ def loader_rows(numbers: Numbers, loaders: Loaders, run: dict) -> None:
         for encoding in ("raw", "jpeg"):
             _, batches = loaders.get(backend, encoding)
             numbers.row("loader", f"loader {backend} {encoding}", img_per_s=rate(batches, run))
+
+
+def keep_rows(numbers: Numbers, loaders: Loaders, run: dict) -> None:
+    """Today's recipe: RandomResizedCrop over aspect-kept shards at FFCV's ramp sides, one
+    Loader per backend whose side changes by set_epoch (no new workers)."""
+    from augment import AugmentSpec, Loader
+    from tools.benchkit import endless
+
+    spec = AugmentSpec(crop=224, crop_mode="random-resized", lighting=0.0, normalize="torchvision")
+    for backend in backends():
+        loader = loaders.stack.enter_context(Loader(loaders.shards["keep"], "train", loaders.batch, spec,
+                                                    backend=backend, device=loaders.device, workers=loaders.workers,
+                                                    max_res=224))
+        for res in (160, 192, 224):
+            numbers.row("loader", f"loader {backend} keep random-resized {res}",
+                        img_per_s=rate(endless(loader, res=res), run))
 
 
 def ceiling_row(numbers: Numbers, loaders: Loaders, run: dict) -> None:
@@ -320,7 +339,7 @@ def compile_rows(numbers: Numbers, loaders: Loaders, run: dict) -> None:
     numbers.row("trainer", f"{name}: {backends()[0]} loader, raw", img_per_s=rate(batches, run, step=step))
 
 
-ROWS = (loader_rows, ceiling_row, feed_rows, trainer_rows, sync_debug_row, compile_rows)  # most important first
+ROWS = (loader_rows, keep_rows, ceiling_row, feed_rows, trainer_rows, sync_debug_row, compile_rows)  # most important first
 
 
 def stop_on_sigterm() -> None:
