@@ -91,7 +91,8 @@ def test_gpu_check_budgets_fit_the_shot():
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_gpu_check_keeps_the_rows_done_when_stopped(tmp_path):
-    # timeout(1) ends a step with SIGTERM: the rows measured so far must survive it.
+    # SIGTERM (what timeout sends a step) right after the first row, while the loaders start: the
+    # rows measured so far must survive it. The dry run ends 5-8 s later, so the signal finds it running.
     out = tmp_path / "out"
     numbers_path = out / "gpu_numbers.json"
     log = tmp_path / "log"  # a file, not a pipe: a leftover worker holding a pipe would hide the exit
@@ -100,9 +101,9 @@ def test_gpu_check_keeps_the_rows_done_when_stopped(tmp_path):
                                    env=gpu_check_env(), stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 90
-        while not (numbers_path.exists() and len(json.loads(numbers_path.read_text())["rows"]) >= 3):
+        while not (numbers_path.exists() and len(json.loads(numbers_path.read_text())["rows"]) >= 1):
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+            time.sleep(0.02)
         done = len(json.loads(numbers_path.read_text())["rows"])
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
