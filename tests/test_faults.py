@@ -333,6 +333,7 @@ def test_imgprep_debug_shows_the_traceback_of_our_errors(monkeypatch, debug):
         one_line_error(result, "the shard is damaged")
 
 
+@pytest.mark.slow  # draws several previews (about 14 s)
 def test_preview_arguments(stats_shards, tmp_path):
     for bad in (["--images", "0"], ["--versions", "-1"]):
         result = run_cli(["preview", str(stats_shards), "--out", str(tmp_path / "p.png"), *bad])
