@@ -216,10 +216,8 @@ class TorchStream:
     def __next__(self) -> Delivered:
         self.ring.before_fetch()
         filled = next(self.iterator)
-        if self.one_thread:
-            with one_torch_thread():
-                return self._augment(filled)
-        return self._augment(filled)
+        with one_torch_thread() if self.one_thread else contextlib.nullcontext():
+            return self._augment(filled)
 
     def _augment(self, filled) -> Delivered:
         batch, spec = filled.batch, self.spec

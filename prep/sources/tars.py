@@ -78,18 +78,17 @@ def list_members(fileobj) -> tuple[list, Exception | None]:
     tarfile raises only for damage in the first header; at a later one it stops as quietly as at
     the end. So where it stopped is looked at: a tar ends with a block of 512 zero bytes.
     """
-    members = []
+    members, damage = [], None
     try:
         archive = tarfile.open(fileobj=fileobj, mode="r:")
-        for member in archive:
-            members.append(member)
+        members.extend(archive)
     except tarfile.TarError as error:
-        return plain_names(members), error
-    fileobj.seek(archive.offset)
-    if fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
-        return plain_names(members), tarfile.ReadError(
-            f"no valid member header at byte {archive.offset:,} (truncated or damaged)")
-    return plain_names(members), None
+        damage = error
+    else:
+        fileobj.seek(archive.offset)
+        if fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+            damage = tarfile.ReadError(f"no valid member header at byte {archive.offset:,} (truncated or damaged)")
+    return plain_names(members), damage
 
 
 def last_of_each_name(members: list, split: str, prefix: str, rejects: list) -> list:
