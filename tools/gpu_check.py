@@ -92,6 +92,7 @@ class Numbers:
         self.write()
 
     def row(self, section: str, name: str, **values) -> None:
+        stop_if_signalled()  # a row measured after a stop was swallowed may be of a half-imported library
         row = {"section": section, "name": name, **values, "at_s": round(time.perf_counter() - self.started, 1)}
         self.values["rows"].append(row)
         click.echo(json.dumps(row))
@@ -342,16 +343,28 @@ def compile_rows(numbers: Numbers, loaders: Loaders, run: dict) -> None:
 ROWS = (loader_rows, keep_rows, ceiling_row, feed_rows, trainer_rows, sync_debug_row, compile_rows)  # most important first
 
 
+STOPPED: list[int] = []  # the stop signal received, once it has been
+
+
 def stop_on_sigterm() -> None:
     """``timeout`` (or a test) ends the run with SIGTERM: leave through the finally blocks, so
     the loaders' workers stop and the JSON says how the run ended."""
     def stop(signum, frame):
         # The JSON is ended before the loaders close; should closing a loader caught mid-start
         # hang, SIGALRM's default action ends the process 20 s later with every row kept.
+        STOPPED.append(signum)
         signal.alarm(20)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def stop_if_signalled() -> None:
+    """Raise the stop again: arriving while a library imports its optional parts, the signal's
+    SystemExit can be swallowed by a bare ``except:`` around such an import (seen: the run went
+    on to the end), so every row checks for it before it is kept."""
+    if STOPPED:
+        raise SystemExit(128 + STOPPED[0])
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
