@@ -91,6 +91,7 @@ def shard(src, out, size, policy, max_aspect, encoding, quality, shard_size, see
     OUT/rejects.jsonl and do not stop the run. Interrupted? Run the same command again: finished
     shards are kept. The same input and options always give byte-identical shards.
     """
+    from prep.errors import escaped
     from prep.job import run_shard_job
     from prep.lifeline import sigterm_as_interrupt
     from prep.plan import ShardOptions
@@ -101,7 +102,7 @@ def shard(src, out, size, policy, max_aspect, encoding, quality, shard_size, see
                            shard_size=shard_size, seed=seed, max_pixels=max_pixels, max_aspect=max_aspect)
     workers = workers or usable_cores()
     settings = " ".join(f"{k}={v}" for k, v in options.as_dict().items())
-    click.echo(f"imgprep shard {src} -> {out}  ({settings} " + (f"workers={workers})" if engine == "local"
+    click.echo(f"imgprep shard {escaped(src)} -> {escaped(out)}  ({settings} " + (f"workers={workers})" if engine == "local"
                                                                   else f"engine=ray address={ray_address or 'local'})"))
     dataset = scan_source(src, val_labels)
     found = ", ".join(f"{len(items):,} {split}" for split, items in dataset.splits.items())
@@ -112,14 +113,14 @@ def shard(src, out, size, policy, max_aspect, encoding, quality, shard_size, see
                                 ray_address=ray_address)
     written = ", ".join(f"{n:,} {split}" for split, n in summary.counts.items())
     if summary.already_complete:
-        click.echo(f"{out} is already complete ({written} images); nothing to do")
+        click.echo(f"{escaped(out)} is already complete ({written} images); nothing to do")
         return
     rate = sum(summary.counts.values()) / max(summary.seconds, 1e-9)
     click.echo(f"wrote {written} images in {summary.shards} shards ({human_bytes(summary.bytes)}) "
                f"in {summary.seconds:.1f} s ({rate:,.0f} img/s)"
                + (f", {summary.resumed} shards kept from an earlier run" if summary.resumed else ""))
     if summary.rejected:
-        click.echo(f"rejected {summary.rejected:,} files: reasons in {summary.out / 'rejects.jsonl'}")
+        click.echo(f"rejected {summary.rejected:,} files: reasons in {escaped(summary.out / 'rejects.jsonl')}")
 
 
 @main.command("pca-stats")
@@ -196,34 +197,34 @@ def info(shards):
 
     SHARDS defaults to $IMGPREP_SHARDS, else ./shards.
     """
-    from prep.errors import PrepError
+    from prep.errors import PrepError, escaped
     from prep.shards import read_manifest, read_rejects
 
     root = shards_folder(shards)
-    manifest = read_manifest(root)
-    click.echo(f"{root}  ({manifest['format']} v{manifest['version']}, made by {manifest.get('tool', '?')})")
-    click.echo(f"source   {manifest.get('source', '?')}")
-    click.echo("options  " + " ".join(f"{k}={v}" for k, v in manifest["options"].items()))
+    manifest = read_manifest(root)  # every name in it may come from a file: each printed escaped
+    click.echo(escaped(f"{root}  ({manifest['format']} v{manifest['version']}, made by {manifest.get('tool', '?')})"))
+    click.echo(escaped(f"source   {manifest.get('source', '?')}"))
+    click.echo(escaped("options  " + " ".join(f"{k}={v}" for k, v in manifest["options"].items())))
     classes = manifest["classes"]
     shown = ", ".join(f"{c['wnid']}" + (f" ({c['name']})" if c["name"] else "") for c in classes[:3])
-    click.echo(f"classes  {len(classes):,}: {shown}{', ...' if len(classes) > 3 else ''}")
+    click.echo(escaped(f"classes  {len(classes):,}: {shown}{', ...' if len(classes) > 3 else ''}"))
     click.echo(f"\n{'split':8}{'images':>12}{'shards':>8}{'on disk':>12}{'rejected':>10}")
     for split, entry in manifest["splits"].items():
         size = sum((root / e["file"]).stat().st_size for e in entry["shards"] if (root / e["file"]).exists())
         count = sum(e["count"] for e in entry["shards"])
-        click.echo(f"{split:8}{count:>12,}{len(entry['shards']):>8}{human_bytes(size):>12}{entry.get('rejected', 0):>10,}")
+        click.echo(f"{escaped(split):8}{count:>12,}{len(entry['shards']):>8}{human_bytes(size):>12}{entry.get('rejected', 0):>10,}")
     try:
         rejects = read_rejects(root)
     except PrepError as error:
         rejects = []
-        click.echo(f"\nrejects  unreadable: {error}")
+        click.echo(f"\nrejects  unreadable: {escaped(error)}")
     if rejects:
-        click.echo(f"\nrejected files by reason (all in {root / 'rejects.jsonl'}):")
+        click.echo(f"\nrejected files by reason (all in {escaped(root / 'rejects.jsonl')}):")
         kinds = Counter(r["reason"].split(":")[0] for r in rejects)
         for reason, count in kinds.most_common(8):
             example = next(r["path"] for r in rejects if r["reason"].split(":")[0] == reason)
-            click.echo(f"{count:>8,}  {reason}  (e.g. {example})")
-    click.echo(f"\nstats    {stats_state(root)}")
+            click.echo(f"{count:>8,}  {escaped(reason)}  (e.g. {escaped(example)})")
+    click.echo(f"\nstats    {escaped(stats_state(root))}")
 
 
 def stats_state(root: Path) -> str:
@@ -252,7 +253,7 @@ def verify(shards):
     """
     from tqdm import tqdm
 
-    from prep.errors import ShardFormatError
+    from prep.errors import ShardFormatError, escaped
     from prep.shards import open_shards, sha256_file, shard_entries
 
     root = shards_folder(shards)
@@ -278,10 +279,10 @@ def verify(shards):
                     problems.append(f"unreadable: {error}")
             reader.close()
     for problem in problems:
-        click.echo(problem, err=True)
+        click.echo(escaped(problem), err=True)
     if problems:
         raise SystemExit(1)
-    click.echo(f"ok: {len(entries)} shards, {human_bytes(total)}, all match {root / 'manifest.json'}")
+    click.echo(escaped(f"ok: {len(entries)} shards, {human_bytes(total)}, all match {root / 'manifest.json'}"))
 
 
 def human_bytes(n: float) -> str:

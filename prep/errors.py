@@ -45,6 +45,17 @@ class BadImage(Exception):
     """One source file cannot become a training image; the message is its reject reason."""
 
 
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
+
+
+def escaped(text) -> str:
+    """``text`` with each control character (C0, DEL, C1) written as a backslash escape, for
+    printing names that come from files: a file named with an escape sequence must not recolour
+    or retitle the terminal, move its cursor, or forge a line of our output."""
+    return str(text).translate(_CONTROLS)
+
+
 def debugging() -> bool:
     return bool(os.environ.get(DEBUG_ENV))
 
@@ -94,7 +105,10 @@ def report_errors(command):
                 if error.remote_traceback:
                     print(error.remote_traceback, file=sys.stderr, end="")
                 raise
-            raise click.ClickException(f"{error}  ({DEBUG_ENV}=1 shows the traceback)") from None
+            raise click.ClickException(f"{escaped(error)}  ({DEBUG_ENV}=1 shows the traceback)") from None
+        except click.ClickException as error:  # ours too (a path in it may come from a file)
+            error.message = escaped(error.message)
+            raise
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             raise SystemExit(130) from None

@@ -92,6 +92,12 @@ def write_manifest(root, manifest: dict) -> None:
     atomic_write_text(Path(root) / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
+def manifest_sha256(root) -> str:
+    """SHA-256 of ROOT/manifest.json's bytes: which shards (and which of their versions) a
+    result was made from. Statistics and checkpoints record it, and readers compare."""
+    return hashlib.sha256((Path(root) / MANIFEST).read_bytes()).hexdigest()
+
+
 # ----------------------------------------------------------------------------- reading
 
 

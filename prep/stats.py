@@ -39,7 +39,7 @@ from prep.atomic import atomic_path, atomic_write_text, locked_folder, no_space
 from prep.errors import OutputError, PrepError, ShardFormatError
 from prep.pool import WorkerDied, WorkerPool
 from prep.encodings import PixelSums
-from prep.shards import MANIFEST, MEAN_IMAGE, STATS, open_shards, read_document, read_manifest, shard_entries
+from prep.shards import MEAN_IMAGE, STATS, manifest_sha256, open_shards, read_document, read_manifest, shard_entries
 
 STATS_FORMAT = "imgprep-stats"
 
@@ -118,10 +118,6 @@ def finish(sums: PixelSums) -> dict:
         "eigvec": eigvec.tolist(),
         "mean_image": None if sums.positions is None else sums.positions / sums.images,
     }
-
-
-def manifest_sha256(root) -> str:
-    return hashlib.sha256((Path(root) / MANIFEST).read_bytes()).hexdigest()
 
 
 def sample_indices(counts: list[int], sample: int | None, seed: int) -> list[np.ndarray | None]:

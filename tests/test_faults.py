@@ -22,6 +22,7 @@ pytestmark = pytest.mark.timeout(600)
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 FAST = ["--device", "cpu", "--backend", "torch", "--workers", "0", "--batch-size", "8"]
+TINY = ["--arch", "tiny_models:tiny"]  # a run over an import-path network names it again to resume or evaluate
 
 
 def imgprep(*args, timeout=300):
@@ -120,9 +121,69 @@ def test_damaged_checkpoints_are_one_line_on_resume_and_eval(trained, tmp_path, 
         torch.save({"weights": torch.zeros(3), "step": 7}, last)  # not bare weights either (see test_train)
     expected = {"empty": "is empty", "truncated": "is damaged", "garbage": "is damaged",
                 "pickled object": "refusing to load it", "not ours": "is not a train checkpoint"}[damage]
-    for result in (train_cli("run", "--resume", run, "--device", "cpu"), train_cli("eval", last, "--device", "cpu")):
+    for result in (train_cli("run", "--resume", run, *TINY, "--device", "cpu"), train_cli("eval", last, *TINY, "--device", "cpu")):
         one_line_error(result, str(last), expected)
         assert "weights_only=False" not in result.output
+
+
+def test_a_checkpoint_does_not_choose_the_code_that_runs(trained, tmp_path, monkeypatch):
+    # A downloaded checkpoint names a module of its choosing, planted where Python looks (beside
+    # it): neither eval nor a resume may import it unless the user names it with --arch.
+    import shutil
+    import sys
+
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    marker = tmp_path / "it ran"
+    (planted / "planted_net.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef net(num_classes): pass\n")
+    monkeypatch.syspath_prepend(str(planted))
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    state = torch.load(run / "last.pt", weights_only=True)
+    state["config"]["arch"] = "planted_net:net"
+    torch.save(state, run / "last.pt")
+    for result in (train_cli("run", "--resume", run, "--device", "cpu"), train_cli("eval", run / "last.pt", *FAST)):
+        one_line_error(result, str(run / "last.pt"), "planted_net:net", "may not choose code",
+                       "pass --arch planted_net:net")
+    for result in (train_cli("run", "--resume", run, *TINY, "--device", "cpu"),
+                   train_cli("eval", run / "last.pt", *TINY, *FAST)):
+        one_line_error(result, "was trained as --arch planted_net:net, not tiny_models:tiny")
+    assert not marker.exists() and "planted_net" not in sys.modules
+    # A built-in name runs nothing of the file's choosing: taken without --arch.
+    state["config"]["arch"] = "alexnet-owt"
+    torch.save(state, run / "last.pt")
+    one_line_error(train_cli("eval", run / "last.pt", *FAST), "do not fit --arch alexnet-owt")
+
+
+def test_resume_and_eval_refuse_shards_other_than_the_runs(stats_shards, tmp_path, monkeypatch):
+    # Started from one working folder with a relative path, resumed from another: the same shards.
+    # Then the folder is re-sharded (its manifest changes): resume and eval refuse with one line,
+    # unless told to accept it.
+    import json
+    import shutil
+
+    from prep.stats import compute_stats
+
+    work = tmp_path / "work"
+    shutil.copytree(stats_shards, work / "shards")
+    monkeypatch.chdir(work)
+    assert train_cli("run", "shards", *TINY, "--epochs", 1, *FAST, "--out", "run").exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    run = work / "run"
+    assert train_cli("run", "--resume", run, *TINY, "--epochs", 2, "--device", "cpu").exit_code == 0
+    manifest = json.loads((work / "shards" / "manifest.json").read_text())
+    manifest["resharded"] = "with another seed"
+    (work / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    compute_stats(work / "shards", workers=1, progress=False)  # so that only the shards' identity differs
+    resumed = train_cli("run", "--resume", run, *TINY, "--epochs", 3, "--device", "cpu")
+    one_line_error(resumed, f"{work / 'shards'} holds other shards than {run / 'last.pt'} was trained on",
+                   "--accept-changed-shards")
+    evaluated = train_cli("eval", run / "last.pt", *TINY, *FAST)
+    one_line_error(evaluated, "holds other shards", "--shards")
+    assert train_cli("eval", run / "last.pt", *TINY, *FAST, "--shards", work / "shards").exit_code == 0
+    accepted = train_cli("run", "--resume", run, *TINY, "--epochs", 3, "--device", "cpu", "--accept-changed-shards")
+    assert accepted.exit_code == 0, accepted.output
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def test_leftovers_of_a_save_cut_short_are_removed_on_resume(trained, tmp_path):
@@ -132,7 +193,7 @@ def test_leftovers_of_a_save_cut_short_are_removed_on_resume(trained, tmp_path):
     shutil.copytree(trained, run)
     leftover = run / "last.pt.tmp-0123456789ab"
     leftover.write_bytes(b"half a checkpoint")
-    result = train_cli("run", "--resume", run, "--device", "cpu", "--epochs", 2, "--workers", 0, "--backend", "torch")
+    result = train_cli("run", "--resume", run, *TINY, "--device", "cpu", "--epochs", 2, "--workers", 0, "--backend", "torch")
     assert result.exit_code == 0, result.output
     assert not leftover.exists()
 
@@ -146,7 +207,7 @@ def test_train_eval_refuses_shards_of_another_class_list(trained, tmp_path):
         other = tmp_path / f"shards{classes}"
         assert run_cli(["shard", str(src), "--out", str(other), "--quiet"]).exit_code == 0
         compute_stats(other, progress=False)
-        result = train_cli("eval", trained / "best.pt", "--shards", other, "--device", "cpu", "--workers", 0,
+        result = train_cli("eval", trained / "best.pt", *TINY, "--shards", other, "--device", "cpu", "--workers", 0,
                            "--backend", "torch")
         one_line_error(result, "was trained on other classes", phrase)
 
@@ -164,7 +225,7 @@ def test_a_second_run_on_the_same_folder_is_refused(stats_shards, tmp_path):
             time.sleep(0.05)
         second = train_cli("run", stats_shards, "--arch", "tiny_models:tiny", *FAST, "--out", out, "--epochs", 3)
         one_line_error(second, f"another train run is writing to {out}")
-        resumed = train_cli("run", "--resume", out, "--device", "cpu")
+        resumed = train_cli("run", "--resume", out, *TINY, "--device", "cpu")
         one_line_error(resumed, f"another train run is writing to {out}")
     finally:
         os.killpg(first.pid, signal.SIGKILL)
@@ -232,7 +293,7 @@ def test_checkpoint_minutes_saves_mid_epoch_so_a_kill_loses_little(stats_shards,
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert_group_ends(process.pid)
-    resumed, _ = run_command([sys.executable, "-m", "train", "run", "--resume", out, "--device", "cpu"], env=ENV)
+    resumed, _ = run_command([sys.executable, "-m", "train", "run", "--resume", out, "--arch", "tiny_models:tiny_dropout", "--device", "cpu"], env=ENV)
     assert resumed.returncode == 0 and "resuming in epoch" in resumed.stdout, resumed.stdout + resumed.stderr
     a, b = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (tmp_path / "whole", out))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -418,7 +479,7 @@ def test_a_full_disk_stops_training_with_one_line_and_keeps_the_last_checkpoint(
     assert train_cli(*args, "--epochs", 1).exit_code == 0
     before = (out / "last.pt").read_bytes()
     fill(disk, 4096)
-    one_line_error(train_cli("run", "--resume", out, "--device", "cpu", "--epochs", 2), f"no space left on {out}")
+    one_line_error(train_cli("run", "--resume", out, *TINY, "--device", "cpu", "--epochs", 2), f"no space left on {out}")
     assert (out / "last.pt").read_bytes() == before
 
 

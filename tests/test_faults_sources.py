@@ -305,3 +305,25 @@ def test_16bit_grey_decodes_in_no_more_memory_than_8bit_rgb():
 
     grey_peak, rgb_peak = traced_peak(grey16), traced_peak(rgb8)
     assert grey_peak <= rgb_peak, (grey_peak, rgb_peak)  # it was 2.7x: 8-byte temporaries a pixel
+
+
+def test_names_with_terminal_control_characters_are_printed_escaped(pristine, tmp_path):
+    # A hostile uploader names a class and a file with escape sequences (recolour, clear the
+    # screen, retitle the terminal): every command prints them as backslash escapes.
+    src = tmp_path / "src"
+    shutil.copytree(pristine, src)
+    hostile = "n02\x1b]0;owned\x07"
+    shutil.copytree(src / "train" / FIRST, src / "train" / hostile)
+    (src / "train" / FIRST / "clear\x1b[2J.txt").write_text("not an image")
+    out = tmp_path / "shards"
+    outputs = [run_cli(["shard", str(src), "--out", str(out), "--shard-size", "4", "--workers", "1", "--quiet"]),
+               run_cli(["info", str(out)]), run_cli(["verify", str(out)])]
+    assert [result.exit_code for result in outputs] == [0, 0, 0], [r.output for r in outputs]
+    (src / "train" / "n03\x1b[31mempty").mkdir()  # now an error names it
+    outputs.append(run_cli(["shard", str(src), "--out", str(tmp_path / "other"), "--quiet"]))
+    assert outputs[-1].exit_code == 1
+    for result in outputs:
+        assert "\x1b" not in result.output and "\x07" not in result.output, result.output
+    assert "n02\\x1b]0;owned\\x07" in outputs[1].output  # info lists the classes
+    assert "clear\\x1b[2J.txt" in outputs[1].output  # and an example reject
+    assert "n03\\x1b[31mempty" in outputs[-1].output

@@ -62,7 +62,7 @@ def test_two_processes_evaluate_ten_crops_with_dali_workers(stats_shards, tmp_pa
     out = tmp_path / "run"
     assert train("run", stats_shards, "--arch", "tiny_models:tiny", "--epochs", 1, *DEFAULT_PATH,
                  "--out", out).returncode == 0
-    result = train("eval", out / "best.pt", "--ten-crop", "--nproc", 2, "--device", "cpu", "--workers", 2,
+    result = train("eval", out / "best.pt", "--arch", "tiny_models:tiny", "--ten-crop", "--nproc", 2, "--device", "cpu", "--workers", 2,
                    "--batch-size", 6)
     assert result.returncode == 0, result.stderr
     assert "over 16 images (10 crops)" in result.stdout
@@ -139,7 +139,7 @@ def test_preempted_run_saves_mid_epoch_and_resumes_to_the_same_weights(stats_sha
     assert_group_ends(process.pid)
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["partial"] is None or 0 < state["partial"]["position"] < 30
-    result = train("run", "--resume", out, "--device", "cpu")  # the process count comes from the checkpoint
+    result = train("run", "--resume", out, "--arch", "tiny_models:tiny_dropout", "--device", "cpu")  # the process count comes from the checkpoint
     assert result.returncode == 0, result.stderr
     assert "resuming" in result.stdout
     same_weights(weights(unstopped_run), weights(out))

@@ -51,6 +51,20 @@ def test_hidden_folders_are_not_classes(tree):
                                                              ("val/.ipynb_checkpoints", hidden)]
 
 
+@pytest.mark.parametrize("contents", ["nothing", "no images", "shards written into it"])
+def test_class_folders_without_images_are_refused(tree, contents):
+    # As torchvision's ImageFolder: a class with no image would take a label and shift the rest.
+    folder = tree / "train" / "n015"
+    folder.mkdir()
+    if contents == "no images":
+        touch(folder / "notes.txt")
+    elif contents == "shards written into it":  # imgprep shard --out SRC/train/n015, then a rerun
+        touch(folder / "train" / "train-00000.h5")
+        touch(folder / "manifest.json")
+    with pytest.raises(SourceError, match=r"train has class folders without images \(n015\).*--out outside"):
+        scan_tree(tree)
+
+
 @pytest.mark.parametrize("name,line", [("LOC_synset_mapping.txt", "n02 goldfish, Carassius auratus"),
                                        ("synset_words.txt", "n02 goldfish, Carassius auratus"),
                                        ("words.txt", "n02\tgoldfish, Carassius auratus")])

@@ -78,6 +78,31 @@ def test_archives_give_the_labels_and_pixels_of_the_tree(tree, from_archives, tm
 
 
 @pytest.mark.timeout(120)
+def test_dot_prefixed_member_names_give_the_same_shards(archives, from_archives, tmp_path):
+    # ``tar -C DIR -czf x.tar.gz .`` names every member ./NAME, after a ./ folder: the same keys
+    # and labels (taken from the names) as without the prefix.
+    source = tmp_path / "src"
+    source.mkdir()
+    for path in sorted(archives.iterdir()):
+        files = {"./": None}
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(path.read_bytes()))) as archive:
+            files.update({"./" + m.name: archive.extractfile(m).read() for m in archive.getmembers()})
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as archive:
+            folder = tarfile.TarInfo("./")
+            folder.type = tarfile.DIRTYPE
+            archive.addfile(folder)
+            for name, data in files.items():
+                if data is not None:
+                    add_file(archive, name, data)
+        (source / path.name).write_bytes(gzip.compress(buffer.getvalue(), mtime=0))
+    with tarfile.open(source / "train_images_0.tar.gz") as archive:
+        assert archive.getnames()[0] == "." and archive.getnames()[1].startswith("./")
+    shard(source, tmp_path / "out", "--workers", "2")
+    assert shard_hashes(tmp_path / "out") == shard_hashes(from_archives)
+
+
+@pytest.mark.timeout(120)
 def test_one_worker_writes_the_same_shards_as_two(archives, from_archives, tmp_path):
     shard(archives, tmp_path / "out", "--workers", "1")
     assert shard_hashes(tmp_path / "out") == shard_hashes(from_archives) and len(shard_hashes(from_archives)) == 6

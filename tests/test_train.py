@@ -16,6 +16,7 @@ from click.testing import CliRunner
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 FAST = ["--device", "cpu", "--backend", "torch", "--workers", "0", "--batch-size", "8"]
+TINY = ["--arch", "tiny_models:tiny"]  # a run over an import-path network names it again to resume or evaluate
 pytestmark = pytest.mark.timeout(600)  # runs start processes: a hang must fail, not block
 
 
@@ -82,7 +83,7 @@ def test_killed_run_resumes_to_the_same_weights(stats_shards, tmp_path):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert len((out / "metrics.jsonl").read_text().splitlines()) < 4  # really interrupted
-    result = train("run", "--resume", out, "--device", "cpu")
+    result = train("run", "--resume", out, "--arch", "tiny_models:tiny_dropout", "--device", "cpu")
     assert "resuming after epoch" in result.stdout
     whole, resumed = weights(tmp_path / "whole"), weights(out)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
@@ -95,7 +96,7 @@ def test_eval_counts_every_val_image_once_with_two_processes(stats_shards, tmp_p
     out = tmp_path / "run"
     train("run", stats_shards, "--arch", "tiny_models:tiny", "--epochs", "1", *FAST, "--out", out)
     for extra in ([], ["--ten-crop"]):
-        result = train("eval", out / "best.pt", "--nproc", "2", "--device", "cpu", "--backend", "torch",
+        result = train("eval", out / "best.pt", *TINY, "--nproc", "2", "--device", "cpu", "--backend", "torch",
                        "--workers", "0", "--batch-size", "6", *extra)
         assert "over 16 images" in result.stdout, result.stdout
         assert ("10 crops" in result.stdout) == bool(extra)
@@ -108,7 +109,7 @@ def test_random_resized_crops_and_eval_with_a_batch_larger_than_the_training_spl
     train("run", stats_shards, "--arch", "tiny_models:tiny", "--epochs", "1", *FAST, "--crop-mode", "random-resized",
           "--out", out)
     assert torch.load(out / "last.pt", weights_only=True)["config"]["normalize"] == "channel"
-    result = train("eval", out / "last.pt", "--device", "cpu", "--backend", "torch", "--workers", "0")
+    result = train("eval", out / "last.pt", *TINY, "--device", "cpu", "--backend", "torch", "--workers", "0")
     assert "over 16 images" in result.stdout  # --batch-size 128 > the 60 training images: eval needs none
 
 
@@ -176,7 +177,7 @@ def test_existing_run_and_resume_changes_are_refused(stats_shards, tmp_path):
     train("run", stats_shards, "--arch", "tiny_models:tiny", "--epochs", "1", *FAST, "--out", out)
     result = invoke("run", stats_shards, "--arch", "tiny_models:tiny", *FAST, "--out", out)
     assert result.exit_code == 1 and f"already holds a run: continue it with --resume {out}" in result.output
-    result = invoke("run", "--resume", out, "--device", "cpu", "--lr", "0.5")
+    result = invoke("run", "--resume", out, *TINY, "--device", "cpu", "--lr", "0.5")
     assert result.exit_code == 1 and "only --epochs, --workers, --backend, --checkpoint-minutes may change (not lr)" in result.output
 
 
@@ -232,7 +233,7 @@ def test_published_weights_evaluate_like_the_checkpoint_they_came_from(stats_sha
     bare = tmp_path / "weights.pth"
     torch.save(torch.load(out / "last.pt", weights_only=True)["model"], bare)
     common = ["--device", "cpu", "--workers", "2", "--batch-size", "8"]  # the default loader: DALI, workers
-    from_run = train("eval", out / "last.pt", *common).stdout.split(": val ")[1]
+    from_run = train("eval", out / "last.pt", *TINY, *common).stdout.split(": val ")[1]
     from_weights = train("eval", bare, "--arch", "tiny_models:tiny", "--shards", stats_shards, *common)
     assert from_weights.stdout.split(": val ")[1] == from_run
     without_arch = train("eval", bare, "--shards", stats_shards, *common, check=False)

@@ -20,6 +20,7 @@ import torch
 
 from prep.atomic import atomic_path, no_space
 from prep.errors import ImgprepError
+from prep.shards import MANIFEST, manifest_sha256
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -71,6 +72,20 @@ def load_for_eval(path) -> dict:
     if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
         return {"model": state}
     return _checked(path, state)
+
+
+def check_same_shards(state: dict, root, path, otherwise: str) -> None:
+    """Refuse, with one line ending in ``otherwise``, to continue or evaluate the checkpoint at
+    ``path`` on ROOT when ROOT's manifest.json is not the one its run read (re-sharded with
+    another seed, another folder at that path): its labels or its epochs would silently differ.
+    Checkpoints from before this was recorded, and a folder without a manifest (which opening
+    it reports), pass."""
+    recorded = state.get("shards_sha256")
+    if not isinstance(recorded, str) or not (Path(root) / MANIFEST).is_file():
+        return
+    if manifest_sha256(root) != recorded:
+        raise CheckpointError(f"{root} holds other shards than {path} was trained on (its manifest.json has "
+                              f"changed since: re-sharded, or another folder at that path); {otherwise}")
 
 
 def _checked(path: Path, state) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from prep import shards_folder
-from prep.errors import report_errors
+from prep.errors import escaped, report_errors
 from train.config import AMP, BACKENDS, CROP_MODES, DEVICES, NORMALIZE, PRESETS, SCHEDULES, default, preset_values
 
 # TrainConfig fields a resumed run may change: how long, and how it reads its data.
@@ -106,7 +106,8 @@ def shown(name: str, text: str = "") -> str:
 @click.option("--out", help="Run folder." + shown("out", "runs/<arch>"))
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path),
               help="Continue the run in this folder from its last.pt (its config; --epochs may grow).")
-@click.option("--arch", help="alexnet, alexnet-owt, resnet18, resnet50, a torchvision name, or package.module:factory." + shown("arch"))
+@click.option("--arch", help="alexnet, alexnet-owt, resnet18, resnet50, a torchvision name, or package.module:factory "
+                             "(imports that module and runs its code; --resume needs it again)." + shown("arch"))
 @click.option("--epochs", type=int, help="Passes over the training split." + shown("epochs"))
 @click.option("--batch-size", type=int, help="Images per step over all processes." + shown("batch_size"))
 @click.option("--lr", type=float, help="Initial learning rate." + shown("lr"))
@@ -152,8 +153,11 @@ def shown(name: str, text: str = "") -> str:
 @click.option("--checkpoint-minutes", type=float,
               help="Also save last.pt mid-epoch this often, so a kill -9 loses at most that much (0: off)."
                    + shown("checkpoint_minutes"))
+@click.option("--accept-changed-shards", is_flag=True,
+              help="--resume although the shards' manifest.json is not the one the run started with (it will not "
+                   "end with the weights of an uninterrupted run).")
 @report_errors
-def run(shards, preset, out, resume, device, gpus, nproc, compile_, **options):
+def run(shards, preset, out, resume, device, gpus, nproc, compile_, accept_changed_shards, **options):
     """Train a CNN on SHARDS (default $IMGPREP_SHARDS, else ./shards).
 
     Each epoch writes OUT/last.pt (and best.pt when val top-1 improves), a line of
@@ -165,7 +169,7 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, **options):
     --resume OUT then ends with the weights of an uninterrupted run. Ctrl-C stops at once
     (exit 130), keeping the last checkpoint.
     """
-    from train.checkpoint import LAST, load_checkpoint
+    from train.checkpoint import LAST, check_same_shards, load_checkpoint
     from train.config import TrainConfig
 
     state = load_checkpoint(resume / LAST) if resume else None  # read once: it may weigh hundreds of MB
@@ -179,6 +183,9 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, **options):
         given["compile"] = compile_
     if resume:
         config = resumed_config(resume, state, given, shards, out).with_(device=device)
+        if not accept_changed_shards:
+            check_same_shards(state, config.shards, resume / LAST, "--accept-changed-shards resumes on them anyway, "
+                              "but not to the weights an uninterrupted run would have")
     else:
         values = {**preset_values(preset, given), "device": device}
         # The backend this run uses, written down: a resume must not switch it silently (the two
@@ -186,16 +193,22 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, **options):
         from augment.loader import dali_available
 
         values.setdefault("backend", "dali" if dali_available() else "torch")
-        config = TrainConfig(**values, shards=str(shards_folder(shards)), out=out)
+        # Absolute: a resume from another working folder must read the same shards.
+        config = TrainConfig(**values, shards=str(shards_folder(shards).absolute()), out=out)
     from train.loop import PREEMPTED_EXIT, worker
 
     with run_folder_lock(config.out):
         check_run(config, world_size(processes), resume is not None)
         result = launch(worker, (config, resume is not None), processes)
     if result.get("preempted"):
-        click.echo(f"stopped by {result['preempted']} {result['where']}; saved {result['checkpoint']}: continue "
-                   f"with 'train run --resume {config.out}'", err=True)
+        click.echo(escaped(f"stopped by {result['preempted']} {result['where']}; saved {result['checkpoint']}: continue "
+                           f"with 'train run --resume {config.out}{resume_arch(config.arch)}'"), err=True)
         raise SystemExit(PREEMPTED_EXIT)
+
+
+def resume_arch(arch: str) -> str:
+    """What a resume command must add: a run whose network is an import path names it again."""
+    return f" --arch {arch}" if ":" in arch else ""
 
 
 def pair_option(text: str | None, option: str, names: tuple[str, str]) -> dict:
@@ -220,8 +233,12 @@ def resumed_processes(state: dict, device) -> tuple[int | None, int | None]:
 
 
 def resumed_config(folder: Path, state: dict, given: dict, shards, out):
-    from train.config import TrainConfig
+    from train.checkpoint import LAST
+    from train.config import TrainConfig, default
+    from train.models import arch_from_checkpoint
 
+    given = dict(given)
+    arch = arch_from_checkpoint(state["config"].get("arch", default("arch")), given.pop("arch", None), folder / LAST)
     if shards or out or set(given) - set(RESUMABLE_CHANGES):
         changed = sorted(set(given) - set(RESUMABLE_CHANGES)) + (["shards"] if shards else []) + (["out"] if out else [])
         allowed = ", ".join("--" + c.replace("_", "-") for c in RESUMABLE_CHANGES)
@@ -231,7 +248,7 @@ def resumed_config(folder: Path, state: dict, given: dict, shards, out):
     if given.get("backend") and before and given["backend"] != before:
         click.echo(f"note: this run used the {before} backend; with {given['backend']} it continues, but not "
                    "bit-exactly (the backends agree to float rounding)", err=True)
-    return TrainConfig.from_dict({**state["config"], **given, "out": str(folder)})
+    return TrainConfig.from_dict({**state["config"], **given, "arch": arch, "out": str(folder)})
 
 
 def check_run(config, processes: int, resume: bool) -> None:
@@ -273,7 +290,9 @@ def check_run(config, processes: int, resume: bool) -> None:
 @click.option("--batch-size", default=128, show_default=True, help="Images per step over all processes.")
 @click.option("--workers", default=4, show_default=True, help="Loader workers per process.")
 @click.option("--backend", type=click.Choice(BACKENDS), help="Loader backend.  [default: dali if installed]")
-@click.option("--arch", help="The network of a weights-only file (e.g. torchvision's alexnet weights: alexnet-owt).")
+@click.option("--arch", help="The network of a weights-only file (e.g. torchvision's alexnet weights: alexnet-owt); "
+                             "for a checkpoint whose network is an import path, that path again (a checkpoint may "
+                             "not choose code to import: you do).")
 @click.option("--normalize", type=click.Choice(NORMALIZE),
               help="Input normalisation.  [default: the run's own; torchvision for a weights-only file]")
 @processes_options
@@ -294,7 +313,7 @@ def evaluate(checkpoint, ten_crop, shards, batch_size, workers, backend, arch, n
     result = launch(evaluate_checkpoint, (str(checkpoint), shards, ten_crop, batch_size,
                                           device, workers, backend, arch, normalize), processes)
     views = "10 crops" if ten_crop else "centre crop"
-    click.echo(f"{checkpoint}: val top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+    click.echo(f"{escaped(checkpoint)}: val top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
                f"loss {result['loss']:.4f}  over {result['count']:,} images ({views})")
 
 

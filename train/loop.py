@@ -36,16 +36,16 @@ from augment import Loader
 from augment.colour import colour_stats
 from augment.sampler import per_rank_batch
 from prep.atomic import no_space
-from prep.errors import ImgprepError
+from prep.errors import ImgprepError, escaped
 from prep import shards_folder
 from prep.lifeline import sigterm_as_interrupt
-from prep.shards import open_shards
+from prep.shards import manifest_sha256, open_shards
 from train import dist
-from train.checkpoint import (BEST, LAST, load_checkpoint, load_for_eval, provenance, restore_rng_states, rng_states,
-                              save_checkpoint)
+from train.checkpoint import (BEST, LAST, check_same_shards, load_checkpoint, load_for_eval, provenance,
+                              restore_rng_states, rng_states, save_checkpoint)
 from train.config import TrainConfig
 from train.metrics import append_metrics, plot_curves, read_metrics, rewrite_metrics
-from train.models import build_model
+from train.models import arch_from_checkpoint, build_model
 from train.schedule import Schedule
 
 PREEMPTED_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped on request, checkpoint saved, resume to continue
@@ -152,6 +152,7 @@ class Trainee:
     best: float = float("-inf")  # best val top-1 (or -train loss without a val split)
     finished_epoch: int = -1  # last complete epoch
     finished_metrics: dict | None = None  # its metrics line
+    shards_sha256: str | None = None  # of the shards' manifest.json when the run (or its resume) opened them
 
     def state(self, config: TrainConfig, context, partial: dict | None = None) -> dict:
         """The checkpoint; a collective (every rank's RNG state), so every rank calls it."""
@@ -160,7 +161,8 @@ class Trainee:
                 "epoch": self.finished_epoch, "step": self.step, "best_top1": self.best,
                 "rng": dist.gather_objects(rng_states(), context), "loader": self.train_loader.state_dict(),
                 "config": config.as_dict(), "world_size": context.world_size, "classes": self.classes,
-                "metrics": self.finished_metrics, "partial": partial, "provenance": self.origin}
+                "metrics": self.finished_metrics, "partial": partial, "provenance": self.origin,
+                "shards_sha256": self.shards_sha256}
 
 
 def run(config: TrainConfig, resume: bool, context: dist.Context, stop: StopSignals | None = None) -> dict:
@@ -168,6 +170,7 @@ def run(config: TrainConfig, resume: bool, context: dist.Context, stop: StopSign
     stop = stop or StopSignals()
     with contextlib.ExitStack() as loaders:
         train_loader, val_loader = make_loaders(config, context, loaders)
+        shards_sha256 = manifest_sha256(config.shards)  # resume compares (train.cli.check_same_shards)
         classes = train_loader.shard_set.classes
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model = build_model(config.arch, len(classes), config.zero_init_residual).to(context.device)
@@ -180,7 +183,7 @@ def run(config: TrainConfig, resume: bool, context: dist.Context, stop: StopSign
         optimizer = make_optimizer(model, config)
         trainee = Trainee(model, optimizer, Schedule(optimizer, config, len(train_loader)),
                           torch.amp.GradScaler("cuda", enabled=context.device.type == "cuda" and config.amp == "fp16"),
-                          train_loader, classes, provenance() if context.main else None)
+                          train_loader, classes, provenance() if context.main else None, shards_sha256=shards_sha256)
         torch.manual_seed(config.seed * 1_000_003 + context.rank + 1)  # dropout: each rank its own stream
         partial = restore(trainee, out, context) if resume else None
         net = model
@@ -389,7 +392,7 @@ def print_summary(config, context, model, train_loader, val_loader, start_epoch,
     gpu = f" ({torch.cuda.get_device_name()})" if context.device.type == "cuda" else ""
     print(f"train run: {config.arch}, {parameters:,} parameters, {context.world_size} x {context.device.type}{gpu}, "
           f"backend {train_loader.backend}, amp {config.amp if context.device.type == 'cuda' else 'off'}")
-    print("config: " + " ".join(f"{k}={v}" for k, v in config.as_dict().items()))
+    print(escaped("config: " + " ".join(f"{k}={v}" for k, v in config.as_dict().items())))  # a resume's comes from a file
     where = "from scratch"
     if partial:
         where = f"resuming in epoch {partial['epoch'] + 1} at step {partial['position']} of {len(train_loader)}"
@@ -421,6 +424,9 @@ def evaluate_on_val(path, shards, ten_crop: bool, batch_size: int, device: str, 
                compile=False)
     if "config" in state:
         config = TrainConfig.from_dict(state["config"]).with_(shards=shards or state["config"]["shards"], **run)
+        config = config.with_(arch=arch_from_checkpoint(config.arch, arch, path))
+        if not shards:  # the run's own shards: they must still be the ones it read
+            check_same_shards(state, config.shards, path, "name them with --shards to evaluate on them anyway")
         config = config.with_(normalize=normalize) if normalize else config
     elif arch is None:
         raise TrainingError(f"{path} holds weights only, without the run that made them: name the network with "

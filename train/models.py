@@ -246,6 +246,20 @@ def check_arch(arch: str) -> None:
         raise UnknownArch(f"unknown --arch {arch!r}: use {known}, or package.module:factory")
 
 
+def arch_from_checkpoint(stored: str, given: str | None, path) -> str:
+    """The network a checkpoint at ``path`` is rebuilt as. It names its own, but a name that is
+    an import path (``package.module:factory``) imports that module and calls the factory: a
+    checkpoint, perhaps downloaded, must not choose code to run, so such a name is taken only
+    when the user passes the same ``--arch`` (``given``); built-in and torchvision names run
+    nothing of the file's choosing and are taken as they are."""
+    if given is not None and given != stored:
+        raise UnknownArch(f"{path} was trained as --arch {stored}, not {given}")
+    if ":" in stored and given is None:
+        raise UnknownArch(f"{path} names its network by import path, {stored}: a checkpoint may not choose code "
+                          f"to run; pass --arch {stored} to import and run it")
+    return stored
+
+
 def build_model(arch: str, num_classes: int, zero_init_residual: bool = False) -> nn.Module:
     """A fresh model: a name of MODELS, ``package.module:factory``, or a torchvision name."""
     check_arch(arch)

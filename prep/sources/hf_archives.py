@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 from prep.atomic import TMP_MARK, atomic_path, no_space
 from prep.errors import OutputError, PrepError, SourceError
 from prep.sources.common import Dataset, Reject, label_flat_files, make_classes, printable, read_class_names
-from prep.sources.tars import (ArchiveReader, holds_training_tars, image_member_problem, last_of_each_name,
+from prep.sources.tars import (ArchiveReader, holds_training_tars, image_member_problem, last_of_each_name, plain_names,
                                refuse_val_labels, split_files)
 
 TRAIN_ARCHIVE = re.compile(r"train_images_\d+\.tar\.gz")
@@ -117,7 +117,7 @@ def _stream_members(path: Path) -> tuple[list, int]:
                 members.append(member)
             while stream.read(CHUNK):  # past the end-of-archive blocks: the whole size, and gzip's CRC check
                 pass
-            return members, stream.tell()
+            return plain_names(members), stream.tell()  # "./NAME" as NAME, as for plain tars
     except (OSError, EOFError, zlib.error, tarfile.TarError) as error:  # OSError: BadGzipFile, or the disk
         raise SourceError(f"{path} cannot be read as a gzip'd tar ({error or type(error).__name__}); {HINT}") from None
 

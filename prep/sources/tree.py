@@ -85,6 +85,8 @@ def scan_tree(root: str | os.PathLike, val_labels: str | os.PathLike | None = No
     index = {c.wnid: c.index for c in classes}
 
     splits = {"train": _scan_class_folders(root, "train", train_folders, index, rejects)}
+    if splits["train"]:  # with no image at all, that is the error said below
+        _refuse_empty_classes(train_dir, classes, splits["train"])
     val_dir = root / "val"
     if val_labels is not None and not val_dir.is_dir():
         raise SourceError(f"--val-labels was given but {root} has no val/ folder")
@@ -103,6 +105,19 @@ def scan_tree(root: str | os.PathLike, val_labels: str | os.PathLike | None = No
     if not any(splits.values()):
         raise SourceError(f"no image files found under {root}")
     return Dataset(str(root), classes, splits, tuple(rejects), TreeReader(str(root)))
+
+
+def _refuse_empty_classes(train_dir: Path, classes, items) -> None:
+    """A class folder without one image would still be a class and shift every label after it
+    (published weights would then be scored against the wrong classes): refused, as
+    torchvision's ImageFolder refuses it, naming the folders."""
+    used = {label for _, label in items}
+    empty = [c.wnid for c in classes if c.index not in used]
+    if empty:
+        shown = ", ".join(printable(name) for name in empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        raise SourceError(f"{train_dir} has class folders without images ({shown}): each would still take a label "
+                          "and shift those after it; remove them, add their images, or, if one holds "
+                          "imgprep's own output, put --out outside the source")
 
 
 def _name_reason(kind: str) -> str:
