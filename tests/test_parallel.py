@@ -135,11 +135,12 @@ def test_preempted_run_saves_mid_epoch_and_resumes_to_the_same_weights(stats_sha
     os.killpg(process.pid, stop)  # as a scheduler does: every process of the job
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 75, stderr
-    assert f"stopped by {stop.name}" in stderr and f"continue with 'train run --resume {out}'" in stderr
+    assert f"stopped by {stop.name}" in stderr and f"continue with 'train run --resume {out} --arch tiny_models:tiny_dropout'" in stderr
     assert_group_ends(process.pid)
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["partial"] is None or 0 < state["partial"]["position"] < 30
-    result = train("run", "--resume", out, "--arch", "tiny_models:tiny_dropout", "--device", "cpu")  # the process count comes from the checkpoint
+    # The process count comes from the checkpoint; the network, an import path, from the user.
+    result = train("run", "--resume", out, "--arch", "tiny_models:tiny_dropout", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "resuming" in result.stdout
     same_weights(weights(unstopped_run), weights(out))

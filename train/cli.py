@@ -275,7 +275,8 @@ def check_run(config, processes: int, resume: bool) -> None:
         raise click.ClickException(f"{config.shards} has {what}, and --schedule plateau lowers the rate only when "
                                    "validation stalls; use --schedule step or cosine (or check the val labels)")
     if not resume and (Path(config.out) / LAST).exists():
-        raise click.ClickException(f"{config.out} already holds a run: continue it with --resume {config.out}, "
+        raise click.ClickException(f"{config.out} already holds a run: continue it with --resume {config.out}"
+                                   f"{resume_arch(config.arch)}, "
                                    "or choose another --out")
     Path(config.out).mkdir(parents=True, exist_ok=True)
     for leftover in Path(config.out).glob(f"*{TMP_MARK}*"):  # a save cut short by a kill; we hold the lock
