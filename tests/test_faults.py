@@ -50,11 +50,18 @@ def slow_src(tmp_path_factory):
                               val_per_class=4, awkward=False, large_fraction=0.5)
 
 
+@pytest.fixture(scope="module")
+def slow_shards(slow_src, tmp_path_factory):
+    """slow_src sharded by a run that nothing stopped."""
+    clean = tmp_path_factory.mktemp("clean") / "shards"
+    assert imgprep("shard", slow_src, "--out", clean, "--shard-size", 8, "--workers", 2, "--quiet").returncode == 0
+    return clean
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_a_killed_shard_job_leaves_no_worker_and_no_lock_and_resumes_identically(slow_src, tmp_path, kill):
-    clean = tmp_path / "clean"
-    assert imgprep("shard", slow_src, "--out", clean, "--shard-size", 8, "--workers", 2, "--quiet").returncode == 0
+def test_a_killed_shard_job_leaves_no_worker_and_no_lock_and_resumes_identically(slow_src, slow_shards, tmp_path,
+                                                                                  kill):
     out = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "prep.cli", "shard", str(slow_src), "--out", str(out),
                                 "--shard-size", "8", "--workers", "2", "--quiet"], env=ENV, start_new_session=True,
@@ -72,7 +79,7 @@ def test_a_killed_shard_job_leaves_no_worker_and_no_lock_and_resumes_identically
     rerun = imgprep("shard", slow_src, "--out", out, "--shard-size", 8, "--workers", 2, "--quiet")
     assert rerun.returncode == 0, rerun.stderr  # no "another imgprep is writing"
     assert "kept from an earlier run" in rerun.stdout
-    assert tree_bytes(out) == tree_bytes(clean)
+    assert tree_bytes(out) == tree_bytes(slow_shards)
 
 
 # ----------------------------------------------------------------------------- train: checkpoints
@@ -275,7 +282,7 @@ def test_a_crop_the_model_cannot_take_is_one_line(stats_shards, tmp_path):
 @pytest.mark.slow
 def test_checkpoint_minutes_saves_mid_epoch_so_a_kill_loses_little(stats_shards, tmp_path):
     # Batch 2: 30 steps an epoch, checked every 10; a clock of 0.001 min saves at each check.
-    args = ["run", stats_shards, "--arch", "tiny_models:tiny_dropout", "--epochs", 3, "--device", "cpu",
+    args = ["run", stats_shards, "--arch", "tiny_models:tiny_dropout", "--epochs", 2, "--device", "cpu",
             "--workers", 1, "--batch-size", 2]
     whole, group = run_command([sys.executable, "-m", "train", *args, "--out", tmp_path / "whole"], env=ENV)
     assert whole.returncode == 0, whole.stderr

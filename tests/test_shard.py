@@ -217,12 +217,21 @@ def wait_for_group_exit(group: int, timeout=30.0):
     raise AssertionError("worker processes outlived the run")
 
 
-@pytest.mark.timeout(120)  # it runs the job three times
+@pytest.fixture(scope="module")
+def src_and_clean(tmp_path_factory):
+    """A small source, and its shards from a run that nothing stopped."""
+    root = tmp_path_factory.mktemp("interrupted")
+    src = make_fake_imagenet(root / "src", classes=4, train_per_class=20, val_per_class=2, awkward=False,
+                             large_fraction=0)
+    subprocess.run(shard_command(src, root / "clean"), check=True, capture_output=True, timeout=120)
+    return src, root / "clean"
+
+
+@pytest.mark.timeout(120)  # it runs the job twice
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_interrupted_run_resumes_to_identical_output(tmp_path, sig):
-    src = make_fake_imagenet(tmp_path / "src", classes=4, train_per_class=20, val_per_class=2, awkward=False,
-                             large_fraction=0)
+def test_interrupted_run_resumes_to_identical_output(src_and_clean, tmp_path, sig):
+    src, clean = src_and_clean
     out = tmp_path / "out"
     process = subprocess.Popen(shard_command(src, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                start_new_session=True)
@@ -237,8 +246,6 @@ def test_interrupted_run_resumes_to_identical_output(tmp_path, sig):
     resumed = subprocess.run(shard_command(src, out), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"{done_before} shards kept from an earlier run" in resumed.stdout
-    clean = tmp_path / "clean"
-    subprocess.run(shard_command(src, clean), check=True, capture_output=True)
     assert shard_hashes(out) == shard_hashes(clean)
     assert (out / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
     assert not list(out.glob("*/*.tmp"))

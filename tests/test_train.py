@@ -71,7 +71,7 @@ def test_one_process_and_two_gloo_processes_train_the_same_weights(stats_shards,
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(stats_shards, tmp_path):
-    args = ["run", stats_shards, "--arch", "tiny_models:tiny_dropout", "--epochs", "4", *FAST]
+    args = ["run", stats_shards, "--arch", "tiny_models:tiny_dropout", "--epochs", "3", *FAST]
     train(*args, "--out", tmp_path / "whole")
     out = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "train", *map(str, args), "--out", str(out)], env=ENV,
@@ -82,13 +82,13 @@ def test_killed_run_resumes_to_the_same_weights(stats_shards, tmp_path):
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert len((out / "metrics.jsonl").read_text().splitlines()) < 4  # really interrupted
+    assert len((out / "metrics.jsonl").read_text().splitlines()) < 3  # really interrupted
     result = train("run", "--resume", out, "--arch", "tiny_models:tiny_dropout", "--device", "cpu")
     assert "resuming after epoch" in result.stdout
     whole, resumed = weights(tmp_path / "whole"), weights(out)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1, 2, 3]
+    assert epochs == [0, 1, 2]
 
 
 @pytest.mark.slow
