@@ -56,6 +56,12 @@ def colour_stats(root, spec: AugmentSpec) -> ColourStats:
         return ColourStats(np.array(IMAGENET_MEAN), np.array(IMAGENET_STD), np.zeros(3), np.eye(3))
     mean_image = stats.get("mean_image")
     fixed = spec.normalize == "torchvision"
+    if spec.normalize == "channel" and min(stats["std"]) <= 0:
+        # Every image holds one value in that channel: dividing by its std makes every input NaN.
+        channel = "RGB"[int(np.argmin(stats["std"]))]
+        raise AugmentError(f"{Path(root) / 'stats.json'} gives channel {channel} a std of 0 (it holds one value "
+                           "in every image): --normalize channel would divide by zero; use --normalize "
+                           "torchvision or none")
     return ColourStats(
         mean=np.array(IMAGENET_MEAN if fixed else stats["mean"]), std=np.array(IMAGENET_STD if fixed else stats["std"]),
         eigval=np.array(stats["eigval"]), eigvec=np.array(stats["eigvec"]),

@@ -18,4 +18,16 @@ KEEP_ASPECT = "keep"
 
 def shards_folder(given=None) -> Path:
     """The shard folder a command works on: ``given``, else $IMGPREP_SHARDS, else ./shards."""
-    return Path(given) if given else Path(os.environ.get(SHARDS_ENV, DEFAULT_SHARDS))
+    if given:
+        return Path(given)
+    refuse_an_empty_shards_variable()
+    return Path(os.environ.get(SHARDS_ENV, DEFAULT_SHARDS))
+
+
+def refuse_an_empty_shards_variable() -> None:
+    """$IMGPREP_SHARDS set to nothing is a mistake (a variable that expanded to nothing), not
+    the current folder."""
+    if SHARDS_ENV in os.environ and not os.environ[SHARDS_ENV].strip():
+        from prep.errors import PrepError
+
+        raise PrepError(f"${SHARDS_ENV} is set but empty: name a folder in it, or unset it")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import time
 from pathlib import Path
 
 from prep.atomic import atomic_write_text, no_space
@@ -24,10 +25,14 @@ from prep.plan import ShardOptions, ShardTask
 from prep.shards import sha256_file, write_shard
 
 JOURNAL = ".partial"
-# Read errors that say something about the file itself, and so make it a reject; any other
-# (EIO, ESTALE, EMFILE...) may pass, and stops the task instead of losing the image for good.
+# Read errors that say something about the file itself, and so make it a reject at once. Any other
+# (EIO, ESTALE, EMFILE...) may pass: the read is tried READ_TRIES times. A file that still fails
+# is a reject (one bad sector must not block every rerun), unless FAILING_IN_A_ROW files in a row
+# fail so: then it is the disk or the mount, and the task stops instead of rejecting them all.
 LASTING_READ_ERRORS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ELOOP,
                        errno.ENAMETOOLONG}
+READ_TRIES = 3
+FAILING_IN_A_ROW = 3
 
 
 def max_file_bytes(options: ShardOptions) -> int:
@@ -35,6 +40,17 @@ def max_file_bytes(options: ShardOptions) -> int:
     images of at most HELD_BYTES_PER_PIXEL bytes a pixel of the cap once decoded; an
     uncompressed file of such an image is no larger, plus its header."""
     return HELD_BYTES_PER_PIXEL * options.max_pixels + (1 << 20)
+
+
+def read_with_retries(reader, key: str, max_bytes: int) -> bytes:
+    """``reader.read``, tried again (after 0.1 s, then 0.4 s) on an error that may pass."""
+    for attempt in range(1, READ_TRIES + 1):
+        try:
+            return reader.read(key, max_bytes)
+        except OSError as error:
+            if error.errno in LASTING_READ_ERRORS or attempt == READ_TRIES:
+                raise
+        time.sleep(0.1 * 4 ** (attempt - 1))
 
 
 def record_path(out: Path, task: ShardTask) -> Path:
@@ -47,17 +63,25 @@ def build_shard(task: ShardTask, reader, out: Path, options: ShardOptions, on_im
     size = options.size
     storage = storage_for(options.encoding, options.policy)
     encoded, keys, labels, rejects = [], [], [], []
+    failing = 0  # files in a row whose reads failed with an error that may pass
     for key, label in task.items:
         try:
-            image = decode_resize(reader.read(key, max_file_bytes(options)), size, options.policy, options.max_pixels,
-                                  options.max_aspect)
+            data = read_with_retries(reader, key, max_file_bytes(options))
+            failing = 0
+            image = decode_resize(data, size, options.policy, options.max_pixels, options.max_aspect)
         except BadImage as error:
             rejects.append([key, str(error)])
         except OSError as error:
-            if error.errno not in LASTING_READ_ERRORS:  # EIO, ESTALE, EMFILE...: not the file's fault
-                raise PrepError(f"reading {key} failed ({error.strerror or error}); finished shards are kept: "
-                                "rerun the same command to resume") from None
-            rejects.append([key, f"unreadable: {error.strerror or error}"])
+            reason = error.strerror or str(error)
+            if error.errno in LASTING_READ_ERRORS:
+                rejects.append([key, f"unreadable: {reason}"])
+            else:
+                failing += 1
+                if failing == FAILING_IN_A_ROW:
+                    raise PrepError(f"reading {key} failed ({reason}), as did the {failing - 1} files before it: "
+                                    "the disk or mount, not the files; finished shards are kept: rerun the same "
+                                    "command to resume") from None
+                rejects.append([key, f"unreadable after {READ_TRIES} tries: {reason}"])
         except MemoryError:
             raise
         except Exception as error:  # a decoder bug on one odd file must not end a long run

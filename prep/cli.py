@@ -14,8 +14,9 @@ from pathlib import Path
 
 import click
 
-from prep import DEFAULT_SHARDS, SHARDS_ENV, __version__, shards_folder
+from prep import DEFAULT_SHARDS, SHARDS_ENV, __version__, refuse_an_empty_shards_variable, shards_folder
 from prep.errors import report_errors
+from prep.options import SEED, FolderOrFile
 from prep.plan import ENCODINGS, ENGINES, POLICIES
 
 
@@ -23,7 +24,7 @@ from prep.plan import ENCODINGS, ENGINES, POLICIES
 def shards_argument(command):
     return click.argument(
         "shards", required=False, default=None, metavar="[SHARDS]",
-        type=click.Path(file_okay=False, path_type=Path),
+        type=FolderOrFile(file_okay=False, path_type=Path),
     )(command)
 
 
@@ -34,8 +35,8 @@ def main():
 
 
 @main.command()
-@click.argument("src", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), envvar=SHARDS_ENV,
+@click.argument("src", type=FolderOrFile(path_type=Path))
+@click.option("--out", type=FolderOrFile(file_okay=False, path_type=Path), envvar=SHARDS_ENV,
               default=DEFAULT_SHARDS, show_default=True, show_envvar=True, help="Output folder.")
 @click.option("--size", default=256, show_default=True, help="Output side in pixels.")
 @click.option("--policy", type=click.Choice(POLICIES), default="crop", show_default=True,
@@ -50,11 +51,11 @@ def main():
                    "jpeg: re-encoded at --quality (~10x smaller; decoded when read).")
 @click.option("--quality", default=90, show_default=True, help="JPEG quality 1-100 for --encoding jpeg.")
 @click.option("--shard-size", default=1024, show_default=True, help="Source files per shard file.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the order of files across shards.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the order of files across shards.")
 @click.option("--max-pixels", default=100_000_000, show_default=True,
               help="Reject files whose decoded width x height exceeds this (decompression bombs).")
 @click.option("--workers", default=None, type=int, help="Processes.  [default: all cores]")
-@click.option("--val-labels", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--val-labels", type=FolderOrFile(dir_okay=False, path_type=Path),
               help="Labels for a flat SRC/val: lines 'filename wnid', or a CSV with those two columns.")
 @click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
               help="local: a process pool of --workers. ray: the same tasks on a Ray cluster (pip install "
@@ -98,6 +99,8 @@ def shard(src, out, size, policy, max_aspect, encoding, quality, shard_size, see
     from prep.pool import usable_cores
     from prep.sources import scan_source
 
+    if click.get_current_context().get_parameter_source("out") is click.core.ParameterSource.DEFAULT:
+        refuse_an_empty_shards_variable()  # click takes an empty $IMGPREP_SHARDS for unset
     options = ShardOptions(size=size, policy=policy, encoding=encoding, quality=quality,
                            shard_size=shard_size, seed=seed, max_pixels=max_pixels, max_aspect=max_aspect)
     workers = workers or usable_cores()
@@ -129,7 +132,7 @@ def shard(src, out, size, policy, max_aspect, encoding, quality, shard_size, see
 @click.option("--workers", default=None, type=int, help="Processes.  [default: all cores]")
 @click.option("--sample", default=None, type=click.IntRange(min=1),
               help="Use a seeded random subset of N images.  [default: all]")
-@click.option("--seed", default=0, show_default=True, help="Seed of --sample.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of --sample.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @report_errors
 def pca_stats(shards, split, workers, sample, seed, quiet):
@@ -164,7 +167,7 @@ def pca_stats(shards, split, workers, sample, seed, quiet):
 
 @main.command()
 @shards_argument
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("preview.png"),
+@click.option("--out", type=FolderOrFile(dir_okay=False, path_type=Path), default=Path("preview.png"),
               show_default=True, help="PNG file to write.")
 @click.option("--split", default="train", show_default=True, help="Split to draw images from.")
 @click.option("--images", default=6, show_default=True, type=click.IntRange(1, 100),
@@ -173,7 +176,7 @@ def pca_stats(shards, split, workers, sample, seed, quiet):
               help="Augmented versions of each image.")
 @click.option("--lighting", default=0.1, show_default=True, type=click.FloatRange(min=0),
               help="Std of the PCA-lighting alpha (the paper's 0.1 is subtle; try 1 to see its direction).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the images and of their augmentation.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the images and of their augmentation.")
 @click.option("--crop", type=int, help="Window side in pixels.  [default: 224 for 256-px shards, 7/8 of the side]")
 @report_errors
 def preview(shards, out, split, images, versions, lighting, seed, crop):

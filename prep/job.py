@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prep import __version__
-from prep.atomic import TMP_MARK, atomic_write_text, locked_folder
+from prep.atomic import TMP_MARK, atomic_write_text, locked_folder, no_space
 from prep.build import JOURNAL, record_path
 from prep.engines import run_local, run_ray
 from prep.errors import OutputError, PrepError, ShardFormatError
@@ -191,7 +191,8 @@ def _finish(out: Path, dataset: Dataset, tasks, done: dict, identity: dict) -> d
     for reject in rejects:
         splits.setdefault(reject["split"], {"count": 0, "rejected": 0, "shards": []})["rejected"] += 1
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
-    atomic_write_text(out / REJECTS, lines)
+    with _finishing(out, REJECTS):
+        atomic_write_text(out / REJECTS, lines)
     if not any(entry["count"] for entry in splits.values()):
         shutil.rmtree(out / JOURNAL, ignore_errors=True)
         raise PrepError(f"no usable images in {dataset.root}: all {len(rejects)} files were rejected "
@@ -205,9 +206,23 @@ def _finish(out: Path, dataset: Dataset, tasks, done: dict, identity: dict) -> d
         "splits": splits,
         "rejected": len(rejects),
     }
-    write_manifest(out, manifest)
+    with _finishing(out, MANIFEST):
+        write_manifest(out, manifest)
     shutil.rmtree(out / JOURNAL, ignore_errors=True)
     return manifest
+
+
+@contextlib.contextmanager
+def _finishing(out: Path, name: str):
+    """The last writes of a run fail as the shards' do: one line, and every shard is kept (the
+    journal still holds them, so a rerun only writes these files)."""
+    try:
+        yield
+    except OSError as error:
+        if no_space(error):
+            raise OutputError(f"no space left on {out} (writing {name}); every shard is kept: free space, then "
+                              "rerun the same command to finish") from None
+        raise OutputError(f"cannot write {out / name}: {error.strerror or error}") from None
 
 
 def _summary(out: Path, manifest: dict, started: float, resumed: int, already_complete=False) -> ShardSummary:

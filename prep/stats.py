@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prep.atomic import atomic_path, atomic_write_text, locked_folder, no_space
+from prep.atomic import TMP_MARK, atomic_path, atomic_write_text, locked_folder, no_space
 from prep.errors import OutputError, PrepError, ShardFormatError
 from prep.pool import WorkerDied, WorkerPool
 from prep.encodings import PixelSums
@@ -137,6 +137,8 @@ def compute_stats(root, split: str = "train", workers: int = 1, sample: int | No
     root = Path(root)
     read_manifest(root)  # a clear error for a missing or foreign folder, before the lock creates one
     with locked_folder(root):  # no imgprep shard (or second pca-stats) rewriting the folder meanwhile
+        for leftover in [*root.glob(f"{STATS}{TMP_MARK}*"), *root.glob(f"{MEAN_IMAGE}{TMP_MARK}*")]:
+            leftover.unlink()  # a save that a kill cut short; we hold the lock, so none is being written
         return _compute_stats(root, split, workers, sample, seed, progress, started)
 
 

@@ -545,3 +545,151 @@ def test_a_stop_signal_while_the_ranks_start_still_stops_the_run_in_order(stats_
     assert process.returncode == 75, stderr
     assert "stopped by SIGTERM" in stderr and (out / "last.pt").is_file()
     assert_group_ends(process.pid)
+
+
+# ----------------------------------------------------------------------------- round 3: options and files
+
+
+def test_empty_paths_are_refused_not_taken_for_the_current_folder(fake_src, stats_shards, tmp_path, monkeypatch):
+    # `--out "$OUT"` with OUT unset: the current folder would be written into (or read as shards).
+    from prep.cli import main as imgprep_main
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    results = [runner.invoke(imgprep_main, ["shard", str(fake_src), "--out", ""]),
+               runner.invoke(imgprep_main, ["shard", str(fake_src)], env={"IMGPREP_SHARDS": ""}),
+               runner.invoke(imgprep_main, ["info"], env={"IMGPREP_SHARDS": ""}),
+               train_cli("run", stats_shards, *TINY, *FAST, "--out", "")]
+    for result in results:
+        assert result.exit_code in (1, 2) and "Traceback" not in result.output, result.output
+        assert "is empty" in result.output or "set but empty" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arch", ["os:system", ":", "torch.nn:Linear", "os:getcwd", "os.path:"])
+def test_arch_strings_that_are_not_model_factories_are_one_line(stats_shards, tmp_path, arch):
+    result = train_cli("run", stats_shards, "--arch", arch, *FAST, "--out", tmp_path / "run")
+    one_line_error(result, "--arch")
+    assert "not a model factory" in result.output or "names no module or no factory" in result.output
+
+
+def test_negative_seeds_are_usage_errors(stats_shards, tmp_path):
+    from prep.cli import main as imgprep_main
+
+    for result in (CliRunner().invoke(imgprep_main, ["preview", str(stats_shards), "--seed", "-1",
+                                                     "--out", str(tmp_path / "p.png")]),
+                   train_cli("run", stats_shards, *TINY, *FAST, "--seed", -1, "--out", tmp_path / "run")):
+        assert result.exit_code == 2 and "-1 is not in the range x>=0" in result.output, result.output
+
+
+def test_a_cut_last_metrics_line_is_dropped_and_the_run_resumes(trained, tmp_path):
+    # kill -9 (or a full disk) while a line was appended: the resume must not stop on it.
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 1, "train_lo')
+    result = train_cli("run", "--resume", run, *TINY, "--epochs", 2, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "was cut short" in result.output
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    (run / "metrics.jsonl").write_text('{"epoch": 0}\n{"epo\n{"epoch": 1}\n')  # damage inside: one line
+    one_line_error(train_cli("run", "--resume", run, *TINY, "--epochs", 3, "--device", "cpu"),
+                   f"{run / 'metrics.jsonl'} is damaged at line 2")
+
+
+def test_a_constant_channel_is_named_not_blamed_on_the_learning_rate(fresh_copy, tmp_path):
+    from prep.stats import compute_stats
+
+    compute_stats(fresh_copy, workers=1, progress=False)
+    document = json.loads((fresh_copy / "stats.json").read_text())
+    document["std"][1] = 0.0
+    (fresh_copy / "stats.json").write_text(json.dumps(document))
+    result = train_cli("run", fresh_copy, *TINY, *FAST, "--normalize", "channel", "--out", tmp_path / "run")
+    one_line_error(result, "channel G a std of 0", "--normalize torchvision")
+
+
+@pytest.mark.slow
+def test_an_eval_batch_larger_than_the_split_costs_only_the_split(trained):
+    # 5000 images a batch on 16: unbounded, the batch's buffers alone would take about 3 GB.
+    import resource
+
+    # The largest resident size of the eval and its workers, measured by a parent of its own.
+    measure = ("import resource, subprocess, sys; result = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(result.returncode)")
+    result = subprocess.run([sys.executable, "-c", measure, sys.executable, "-m", "train", "eval",
+                             str(trained / "best.pt"), *TINY, "--device", "cpu", "--batch-size", "5000", "--workers",
+                             "1"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "over 16 images" in result.stdout
+    assert int(result.stdout.split()[-1]) < 1_500_000  # KiB
+
+
+def test_pca_stats_removes_the_leftover_of_a_killed_save(fresh_copy):
+    from prep.stats import compute_stats
+
+    leftovers = [fresh_copy / "stats.json.tmp-0123456789ab", fresh_copy / "stats-mean.npy.tmp-ba9876543210"]
+    for leftover in leftovers:
+        leftover.write_text("half")
+    compute_stats(fresh_copy, workers=1, progress=False)
+    assert not any(leftover.exists() for leftover in leftovers) and (fresh_copy / "stats.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ["weights of another shape", "epoch a string", "world size a string",
+                                    "config a list", "lr a string"])
+def test_checkpoints_with_wrongly_typed_fields_are_one_line_on_resume_and_eval(trained, tmp_path, damage):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    state = torch.load(run / "last.pt", weights_only=True)
+    if damage == "weights of another shape":
+        state["model"][next(iter(state["model"]))] = torch.zeros(3)
+    elif damage == "epoch a string":
+        state["epoch"] = "x"
+    elif damage == "world size a string":
+        state["world_size"] = "two"
+    elif damage == "config a list":
+        state["config"] = [1, 2]
+    else:
+        state["config"]["lr"] = "fast"
+    torch.save(state, run / "last.pt")
+    expected = {"weights of another shape": "do not fit --arch tiny_models:tiny", "epoch a string": "epoch (str)",
+                "world size a string": "world_size (str)", "config a list": "config (list)",
+                "lr a string": "is damaged: must be real number"}[damage]
+    for result in (train_cli("run", "--resume", run, *TINY, "--epochs", 2, "--device", "cpu"),
+                   train_cli("eval", run / "last.pt", *TINY, *FAST)):
+        one_line_error(result, str(run / "last.pt"), expected)
+
+
+def test_weights_beyond_float32_and_a_crop_too_large_are_named(stats_shards, tmp_path):
+    one_line_error(train_cli("run", stats_shards, *TINY, *FAST, "--lr", "1e308", "--out", tmp_path / "a"),
+                   "lr 1e+308 is beyond float32's range")
+    one_line_error(train_cli("run", stats_shards, *TINY, *FAST, "--crop", 288, "--out", tmp_path / "b"),
+                   "--crop 288 asks for windows larger than the 256 px images")
+
+
+@pytest.mark.parametrize("last_write", ["rejects", "manifest"])
+def test_a_full_disk_at_the_very_end_of_a_shard_job_is_one_line_and_a_rerun_finishes(fake_src, tmp_path, monkeypatch,
+                                                                                    last_write):
+    import errno
+
+    import prep.job
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "out"
+    if last_write == "rejects":
+        real = prep.job.atomic_write_text
+        monkeypatch.setattr(prep.job, "atomic_write_text",
+                            lambda path, text: full() if Path(path).name == "rejects.jsonl" else real(path, text))
+    else:
+        monkeypatch.setattr(prep.job, "write_manifest", full)
+    result = run_cli(["shard", str(fake_src), "--out", str(out), "--shard-size", "16", "--workers", "1", "--quiet"])
+    file = {"rejects": "rejects.jsonl", "manifest": "manifest.json"}[last_write]
+    one_line_error(result, f"no space left on {out} (writing {file}); every shard is kept")
+    monkeypatch.undo()
+    rerun = run_cli(["shard", str(fake_src), "--out", str(out), "--shard-size", "16", "--workers", "1", "--quiet"])
+    assert rerun.exit_code == 0 and "kept from an earlier run" in rerun.output, rerun.output

@@ -4,6 +4,7 @@ Each one must end as a reject with its reason (or, for a damaged devkit, one Sou
 never as a traceback that stops the run.
 """
 
+import errno
 import io
 import json
 import os
@@ -327,3 +328,50 @@ def test_names_with_terminal_control_characters_are_printed_escaped(pristine, tm
     assert "n02\\x1b]0;owned\\x07" in outputs[1].output  # info lists the classes
     assert "clear\\x1b[2J.txt" in outputs[1].output  # and an example reject
     assert "n03\\x1b[31mempty" in outputs[-1].output
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_in_a_files_place_is_a_reject_not_a_hang(pristine, tmp_path):
+    # Swapped in after the scan: the reader opens it without blocking and sees it is no file.
+    from prep.sources.tars import ArchiveReader
+
+    fifo = tmp_path / "x.JPEG"
+    os.mkfifo(fifo)
+    with pytest.raises(BadImage, match="not a regular file"):
+        TreeReader(str(tmp_path)).read("x.JPEG", 1 << 20)
+    with pytest.raises(BadImage, match="not a regular file"):
+        ArchiveReader({"a.tar": str(fifo)}, {"a.tar/x.JPEG": ("a.tar", 512, 10)}).read("a.tar/x.JPEG", 1 << 20)
+
+
+class FailingReader:
+    """Reads like ``reader``, but the keys in ``failing`` always fail with EIO (a bad sector)."""
+
+    def __init__(self, reader, failing):
+        self.reader, self.failing, self.tries = reader, set(failing), 0
+
+    def read(self, key, max_bytes):
+        if key in self.failing:
+            self.tries += 1
+            raise OSError(errno.EIO, "Input/output error")
+        return self.reader.read(key, max_bytes)
+
+
+@pytest.mark.parametrize("failing", [1, 3])
+def test_a_file_that_always_fails_to_read_becomes_a_reject_after_its_retries(pristine, tmp_path, failing):
+    # One such file must not block every rerun; three in a row are the disk, not the files.
+    from prep.build import JOURNAL, READ_TRIES, build_shard
+    from prep.errors import PrepError
+    from prep.plan import ShardTask
+
+    dataset = scan_tree(pristine)
+    items = dataset.splits["train"][:4]
+    reader = FailingReader(dataset.reader, [key for key, _ in items[1:1 + failing]])
+    (tmp_path / JOURNAL).mkdir()
+    task = ShardTask("train", 0, tuple(items))
+    if failing == 1:
+        record = build_shard(task, reader, tmp_path, ShardOptions(size=32))
+        assert record["count"] == 3 and record["rejects"] == [[items[1][0], "unreadable after 3 tries: Input/output error"]]
+        assert reader.tries == READ_TRIES
+    else:
+        with pytest.raises(PrepError, match="as did the 2 files before it: the disk or mount"):
+            build_shard(task, reader, tmp_path, ShardOptions(size=32))

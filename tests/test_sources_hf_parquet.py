@@ -127,6 +127,26 @@ def test_plain_integer_labels_name_classes_by_index(tmp_path):
     assert dataset.splits["train"] == ((f"{TRAIN_FILE}/00000000", 2), (f"{TRAIN_FILE}/00000001", 0))
 
 
+@pytest.mark.timeout(30)
+def test_labels_and_class_counts_past_the_class_limit_cost_nothing(tmp_path):
+    # One row labelled 2**40 is a reject, not a list of 2**40 class names; a ClassLabel declaring
+    # 10**10 classes is one line, before any list of its names is made.
+    from prep.errors import SourceError
+
+    (tmp_path / "data").mkdir()
+    rows = [({"bytes": b"x", "path": "a"}, 2**40), ({"bytes": b"x", "path": "b"}, 1)]
+    write_hf_parquet(tmp_path / TRAIN_FILE, rows, None, rows_per_group=1)
+    dataset = scan_source(tmp_path)
+    assert [c.wnid for c in dataset.classes] == ["0", "1"]
+    assert [(r.path, r.reason) for r in dataset.rejects] == [(f"{TRAIN_FILE}/00000000", f"label {2**40} is not a class (0-1)")]
+    table = pq.read_table(tmp_path / TRAIN_FILE)
+    label = {"num_classes": 10**10, "_type": "ClassLabel"}
+    metadata = {"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}, "label": label}}})}
+    pq.write_table(table.replace_schema_metadata(metadata), tmp_path / TRAIN_FILE)
+    with pytest.raises(SourceError, match="declares 10,000,000,000 classes; at most 32,767"):
+        scan_source(tmp_path)
+
+
 @pytest.mark.timeout(300)
 def test_bad_rows_become_rejects_with_reasons(tree, tmp_path):
     good = tree_images(tree, "train")[0][0].read_bytes()

@@ -49,7 +49,9 @@ def tensor_bytes(value) -> int:
     return 0
 
 
-NEEDED = ("model", "config", "classes", "epoch", "world_size")  # what every reader of a checkpoint uses
+NEEDED = {"model": dict, "config": dict, "classes": list, "epoch": int, "world_size": int}  # what every reader uses
+RESUMED = {"optimizer": dict, "schedule": dict, "scaler": dict, "step": int, "best_top1": (int, float), "rng": list,
+           "loader": dict}  # and what a resume uses besides
 
 
 class CheckpointError(ImgprepError):
@@ -61,7 +63,7 @@ def load_checkpoint(path) -> dict:
     a file that holds anything else is refused, never run). Each way it can be unusable is one
     sentence naming the file."""
     path = Path(path)
-    return _checked(path, _read(path))
+    return _checked(path, _read(path), {**NEEDED, **RESUMED})
 
 
 def load_for_eval(path) -> dict:
@@ -88,10 +90,17 @@ def check_same_shards(state: dict, root, path, otherwise: str) -> None:
                               f"changed since: re-sharded, or another folder at that path); {otherwise}")
 
 
-def _checked(path: Path, state) -> dict:
+def _checked(path: Path, state, fields: dict = NEEDED) -> dict:
+    """``state`` if it has each of ``fields`` with its type; else one line saying which."""
     missing = [key for key in NEEDED if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(f"{path} is not a train checkpoint: it lacks {', '.join(missing)}")
+    wrong = [f"{key} ({type(state.get(key)).__name__})" for key, kind in fields.items()
+             if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool)]
+    if not wrong and not (state["world_size"] >= 1 and state["epoch"] >= -1):
+        wrong = [f"world_size {state['world_size']}, epoch {state['epoch']}"]
+    if wrong:
+        raise CheckpointError(f"{path} is damaged or not ours: wrongly typed or out of range: {', '.join(wrong)}")
     return state
 
 

@@ -19,6 +19,7 @@ import click
 
 from prep import shards_folder
 from prep.errors import escaped, report_errors
+from prep.options import SEED, FolderOrFile
 from train.config import AMP, BACKENDS, CROP_MODES, DEVICES, NORMALIZE, PRESETS, SCHEDULES, default, preset_values
 
 # TrainConfig fields a resumed run may change: how long, and how it reads its data.
@@ -96,15 +97,15 @@ def shown(name: str, text: str = "") -> str:
 
 
 @main.command()
-@click.argument("shards", required=False, type=click.Path(file_okay=False))
+@click.argument("shards", required=False, type=FolderOrFile(file_okay=False))
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="alexnet", show_default=True,
               help="Starting values; options given explicitly override them. alexnet (or paper): the defaults "
                    "below. " + " ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in PRESETS[name].items()) + "."
                                         for name in ("demo", "resnet50", "resnet18"))
                    + " The ResNet presets are FFCV's published ImageNet configs; their --res-ramp follows "
                      "--epochs as FFCV's tables do (16 epochs: 11:13, 88 epochs: 65:76).")
-@click.option("--out", help="Run folder." + shown("out", "runs/<arch>"))
-@click.option("--resume", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", type=FolderOrFile(file_okay=False), help="Run folder." + shown("out", "runs/<arch>"))
+@click.option("--resume", type=FolderOrFile(file_okay=False, path_type=Path),
               help="Continue the run in this folder from its last.pt (its config; --epochs may grow).")
 @click.option("--arch", help="alexnet, alexnet-owt, resnet18, resnet50, a torchvision name, or package.module:factory "
                              "(imports that module and runs its code; --resume needs it again)." + shown("arch"))
@@ -149,7 +150,7 @@ def shown(name: str, text: str = "") -> str:
 @click.option("--amp", type=click.Choice(AMP), help="Autocast on GPU." + shown("amp"))
 @click.option("--channels-last", is_flag=True, default=None, help="NHWC memory format.")
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
-@click.option("--seed", type=int, help="Seed of order, augmentation, initialisation, dropout." + shown("seed"))
+@click.option("--seed", type=SEED, help="Seed of order, augmentation, initialisation, dropout." + shown("seed"))
 @click.option("--checkpoint-minutes", type=float,
               help="Also save last.pt mid-epoch this often, so a kill -9 loses at most that much (0: off)."
                    + shown("checkpoint_minutes"))
@@ -248,7 +249,7 @@ def resumed_config(folder: Path, state: dict, given: dict, shards, out):
     if given.get("backend") and before and given["backend"] != before:
         click.echo(f"note: this run used the {before} backend; with {given['backend']} it continues, but not "
                    "bit-exactly (the backends agree to float rounding)", err=True)
-    return TrainConfig.from_dict({**state["config"], **given, "arch": arch, "out": str(folder)})
+    return TrainConfig.from_dict({**state["config"], **given, "arch": arch, "out": str(folder)}, folder / LAST)
 
 
 def check_run(config, processes: int, resume: bool) -> None:
@@ -266,8 +267,9 @@ def check_run(config, processes: int, resume: bool) -> None:
     for side in sorted({config.crop, config.res_at(0), config.largest_res()}):
         check_input_size(config.arch, len(shard_set.classes), side)
     if config.crop_mode == "paper" and shard_set.square and config.largest_res() > shard_set.size:
-        raise click.ClickException(f"--res {config.min_res}:{config.max_res} asks for windows larger than the "
-                                   f"{shard_set.size} px images of {config.shards}")
+        asked = f"--res {config.min_res}:{config.max_res}" if config.min_res is not None else f"--crop {config.crop}"
+        raise click.ClickException(f"{asked} asks for windows larger than the {shard_set.size} px images of "
+                                   f"{config.shards}: a smaller one, or shards made with a larger --size")
     check_batch_fits(len(shard_set.split("train")), per_rank, processes, "train")
     colour_stats(config.shards, config.augment_spec("train"))
     if config.schedule == "plateau" and not ("val" in shard_set.splits and len(shard_set.split("val"))):
@@ -284,9 +286,9 @@ def check_run(config, processes: int, resume: bool) -> None:
 
 
 @main.command("eval")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=FolderOrFile(exists=True, dir_okay=False, path_type=Path))
 @click.option("--ten-crop", is_flag=True, help="Average the softmax of the paper's 10 crops (else the centre crop).")
-@click.option("--shards", type=click.Path(file_okay=False),
+@click.option("--shards", type=FolderOrFile(file_okay=False),
               help="Shard folder.  [default: the run's own; for a weights-only file $IMGPREP_SHARDS, else ./shards]")
 @click.option("--batch-size", default=128, show_default=True, help="Images per step over all processes.")
 @click.option("--workers", default=4, show_default=True, help="Loader workers per process.")

@@ -39,6 +39,7 @@ SCHEDULES = ("plateau", "step", "cosine", "cyclic")
 AMP = ("bf16", "fp16", "off")
 DEVICES = ("cuda", "cpu")
 BACKENDS = ("dali", "torch")
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
 
 
 class ConfigError(ImgprepError, ValueError):
@@ -103,6 +104,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ConfigError("lr must be positive, weight decay non-negative, momentum in [0, 1)")
+        for name in ("lr", "weight_decay"):  # SGD multiplies float32 weights by them
+            if getattr(self, name) > FLOAT32_MAX:
+                raise ConfigError(f"{name} {getattr(self, name):g} is beyond float32's range (the weights' type)")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         self.check_resolution()
@@ -148,9 +152,13 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict, source="the checkpoint") -> "TrainConfig":
+        """The config ``source`` (a checkpoint) recorded; a value of the wrong type is one line."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in values.items() if k in known})
+        except (TypeError, ValueError) as error:  # "'<' not supported between 'str' and 'int'"
+            raise ConfigError(f"the config recorded in {source} is damaged: {error}") from None
 
     def with_(self, **changes) -> "TrainConfig":
         return replace(self, **changes)

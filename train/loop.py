@@ -113,7 +113,11 @@ def make_loaders(config: TrainConfig, context: dist.Context, loaders: contextlib
                    **common))
     val = None
     if "val" in shard_set.splits and len(shard_set.split("val")):
-        val = loaders.enter_context(Loader(shard_set, "val", per_rank, config.augment_spec(eval_mode, layout), **common))
+        # No larger than this rank's share of the split: a batch's buffers are allocated whole,
+        # and --batch-size 100000 on nine images must not cost gigabytes.
+        share = -(-len(shard_set.split("val")) // context.world_size)
+        val = loaders.enter_context(Loader(shard_set, "val", min(per_rank, share), config.augment_spec(eval_mode, layout),
+                                           **common))
     return train_loader, val
 
 
@@ -230,13 +234,23 @@ def run(config: TrainConfig, resume: bool, context: dist.Context, stop: StopSign
         return result
 
 
+def load_weights(model: torch.nn.Module, weights: dict, path, arch: str, classes: int) -> None:
+    """``model.load_state_dict(weights)``; weights of another network are one line."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:  # missing or unexpected keys, other shapes
+        lines = str(error).splitlines()
+        reason = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise TrainingError(f"the weights in {path} do not fit --arch {arch} with {classes} classes: {reason}") from None
+
+
 def restore(trainee: Trainee, out: Path, context) -> dict | None:
     """Load last.pt into ``trainee``; returns its mid-epoch part (None after a whole epoch)."""
     state = load_checkpoint(out / LAST)
     if state["world_size"] != context.world_size:
         raise TrainingError(f"{out} was trained with {state['world_size']} processes; resume it with as many "
                             f"(this run has {context.world_size})")
-    trainee.model.load_state_dict(state["model"])
+    load_weights(trainee.model, state["model"], out / LAST, state["config"].get("arch", "?"), len(trainee.classes))
     trainee.optimizer.load_state_dict(state["optimizer"])
     trainee.schedule.load_state_dict(state["schedule"])
     trainee.scaler.load_state_dict(state["scaler"])
@@ -423,7 +437,7 @@ def evaluate_on_val(path, shards, ten_crop: bool, batch_size: int, device: str, 
     run = dict(batch_size=batch_size, device=device, workers=workers, backend=backend, channels_last=False,
                compile=False)
     if "config" in state:
-        config = TrainConfig.from_dict(state["config"]).with_(shards=shards or state["config"]["shards"], **run)
+        config = TrainConfig.from_dict(state["config"], path).with_(shards=shards or state["config"]["shards"], **run)
         config = config.with_(arch=arch_from_checkpoint(config.arch, arch, path))
         if not shards:  # the run's own shards: they must still be the ones it read
             check_same_shards(state, config.shards, path, "name them with --shards to evaluate on them anyway")
@@ -442,13 +456,7 @@ def evaluate_on_val(path, shards, ten_crop: bool, batch_size: int, device: str, 
         if "classes" in state:
             check_same_classes(state["classes"], classes, path, config.shards)
         model = build_model(config.arch, len(classes)).to(context.device)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as error:  # missing or unexpected keys, other shapes
-            lines = str(error).splitlines()
-            reason = lines[1].strip() if len(lines) > 1 else lines[0]
-            raise TrainingError(f"the weights in {path} do not fit --arch {config.arch} with {len(classes)} "
-                                f"classes: {reason}") from None
+        load_weights(model, state["model"], path, config.arch, len(classes))
         result = evaluate(model, val, config, context)
     dist.teardown()
     return result

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 from prep.atomic import atomic_path
+from prep.errors import ImgprepError
 
 
 def append_metrics(run: Path, record: dict) -> None:
-    with open(Path(run) / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    """One line, in one write to a file opened for appending: a kill cannot interleave it with
+    another; a full disk can still cut it short, which ``read_metrics`` then drops."""
+    fd = os.open(Path(run) / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
 
 
 def rewrite_metrics(run: Path, records: list[dict]) -> None:
@@ -19,10 +27,31 @@ def rewrite_metrics(run: Path, records: list[dict]) -> None:
 
 
 def read_metrics(run: Path) -> list[dict]:
+    """The records of RUN/metrics.jsonl. A last line cut short (a kill -9 or a full disk while it
+    was appended) is dropped, saying so: the checkpoint, not this file, is the run's state, and
+    a resume rewrites the file from it. Damage anywhere else is one line naming the file."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError as error:
+            if number == len(lines):  # no newline after it: the line was being written
+                print(f"note: the last line of {path} was cut short (the run was stopped while writing it); "
+                      "dropped", file=sys.stderr)
+                break
+            raise ImgprepError(f"{path} is damaged at line {number} ({error}); the checkpoints are not: "
+                               "move the file away and resume") from None
+        records.append(record)
+    return records
 
 
 def plot_curves(run: Path) -> Path:

@@ -234,9 +234,11 @@ def check_arch(arch: str) -> None:
         return
     if ":" in arch:
         module_name, _, factory_name = arch.partition(":")
+        if not (module_name.strip() and factory_name.strip()):
+            raise UnknownArch(f"--arch {arch!r} names no module or no factory: use package.module:factory")
         try:
             factory = getattr(importlib.import_module(module_name), factory_name)
-        except (ImportError, AttributeError) as error:
+        except (ImportError, AttributeError, ValueError) as error:
             raise UnknownArch(f"cannot import --arch {arch}: {error}") from None
         if not callable(factory):
             raise UnknownArch(f"--arch {arch} is not callable")
@@ -272,11 +274,26 @@ def build_model(arch: str, num_classes: int, zero_init_residual: bool = False) -
     if arch in MODELS:
         return MODELS[arch](num_classes=num_classes)
     if ":" in arch:
-        module_name, _, factory_name = arch.partition(":")
-        return getattr(importlib.import_module(module_name), factory_name)(num_classes=num_classes)
+        return _from_factory(arch, num_classes)
     import torchvision.models
 
     return torchvision.models.get_model(arch, num_classes=num_classes)
+
+
+def _from_factory(arch: str, num_classes: int) -> nn.Module:
+    """``factory(num_classes=...)`` of ``package.module:factory``; anything but a model (a
+    function of other arguments, a class that takes none, a non-module result) is one line."""
+    module_name, _, factory_name = arch.partition(":")
+    factory = getattr(importlib.import_module(module_name), factory_name)
+    try:
+        model = factory(num_classes=num_classes)
+    except TypeError as error:  # the wrong signature: os:system, torch.nn:Linear
+        raise UnknownArch(f"--arch {arch} is not a model factory: calling it with num_classes={num_classes} "
+                          f"failed ({error})") from None
+    if not isinstance(model, nn.Module):
+        raise UnknownArch(f"--arch {arch} is not a model factory: it returned a {type(model).__name__}, "
+                          "not a torch.nn.Module")
+    return model
 
 
 def check_input_size(arch: str, num_classes: int, crop: int) -> None:

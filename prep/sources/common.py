@@ -63,6 +63,20 @@ def file_too_large(size: int, max_bytes: int) -> str:
     return f"file too large: {size:,} bytes, over the cap of {max_bytes:,}"
 
 
+def open_regular(path: str):
+    """``path`` opened for reading, if it is (still) a regular file; else BadImage. Opened without
+    blocking: a FIFO put in a file's place after the scan would block a plain open for ever."""
+    import stat
+
+    from prep.errors import BadImage
+
+    f = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise BadImage("not a regular file")
+    return f
+
+
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from prep.errors import BadImage, SourceError
-from prep.sources.common import ClassInfo, Dataset, Reject
+from prep.sources.common import MAX_CLASSES, ClassInfo, Dataset, Reject
 from prep.sources.imagenet1k import numbered_classes
 
 FILE_NAME = re.compile(r"(train|validation|test)-(\d{5,})-of-(\d{5,})(-[0-9a-f]+)?\.parquet")
@@ -254,6 +254,10 @@ def _class_names(schema, path: Path) -> tuple[str, ...] | None:
     if not isinstance(feature, dict) or feature.get("_type") != "ClassLabel":
         return None
     names = feature.get("names")
+    declared = len(names) if isinstance(names, list) else feature.get("num_classes")
+    if isinstance(declared, int) and declared > MAX_CLASSES:  # before any list of that many names is made
+        raise SourceError(f"{path}: the ClassLabel of 'label' declares {declared:,} classes; at most {MAX_CLASSES:,} "
+                          "fit the shards' int16 labels")
     if names is None and isinstance(feature.get("num_classes"), int):  # older datasets may keep only the count
         names = [str(i) for i in range(feature["num_classes"])]
     if not isinstance(names, list):
@@ -271,8 +275,11 @@ def _classes(scans: dict[str, FileScan], labelled: dict[str, list[str]], root: P
                               "are these files from one dataset?")
     names = scans[first].names
     if names is None:  # a plain integer label: as many classes as the largest label says
+        # Labels past the class limit are rows to reject (_label_rows), not a reason to make a
+        # list of 2**40 names first.
         labels = [label for rels in labelled.values() for rel in rels for label in scans[rel].labels]
-        names = [str(i) for i in range(max((label for label in labels if label is not None), default=-1) + 1)]
+        largest = max((label for label in labels if label is not None and label < MAX_CLASSES), default=-1)
+        names = [str(i) for i in range(largest + 1)]
     if not names:
         raise SourceError(f"{root} has no classes: no ClassLabel names and no label of 0 or more")
     return numbered_classes(list(names), {}, root)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from prep.errors import BadImage, SourceError
-from prep.sources.common import Reject, file_too_large, is_image_name, is_utf8, not_an_image, printable
+from prep.sources.common import Reject, file_too_large, is_image_name, is_utf8, not_an_image, open_regular, printable
 
 DUPLICATE = "duplicate member name: a later member of the same name replaces this one"
 NOT_REGULAR = "not a regular file (link, device or sparse file)"
@@ -32,7 +32,7 @@ class ArchiveReader:
         archive, offset, size = self.index[key]
         if size > max_bytes:  # refused before reading a byte of it
             raise BadImage(file_too_large(size, max_bytes))
-        with open(self.archives[archive], "rb") as f:
+        with open_regular(self.archives[archive]) as f:
             f.seek(offset)
             data = f.read(size)
         if len(data) < size:  # the tar was cut short after its header was read

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from prep.errors import BadImage, SourceError
 from prep.sources.common import (Dataset, Reject, file_too_large, is_image_name, is_utf8, label_flat_files,
-                                 make_classes, not_an_image, printable, read_class_names, read_val_labels)
+                                 make_classes, not_an_image, open_regular, printable, read_class_names, read_val_labels)
 
 NOT_REGULAR = "not a regular file (device, pipe, socket or broken link)"
 
@@ -38,10 +38,8 @@ class TreeReader:
         """``key`` comes from our own scan, never from user input, so joining it is safe. The
         file may have changed since the scan: it must still be regular, and at most
         ``max_bytes`` are read."""
-        with open(os.path.join(self.root, key), "rb") as f:
+        with open_regular(os.path.join(self.root, key)) as f:
             status = os.fstat(f.fileno())
-            if not stat.S_ISREG(status.st_mode):
-                raise BadImage("not a regular file")
             # The size first: a sparse 10 GB file costs nothing to stat and a lot to read.
             if status.st_size > max_bytes:
                 raise BadImage(file_too_large(status.st_size, max_bytes))
