@@ -238,7 +238,11 @@ class DaliStream:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         self.pipe = build_pipeline(request, feed_only)
-        self.iterator = DALIGenericIterator(self.pipe, ["images", "labels", "tag"], auto_reset=False)
+        try:
+            self.iterator = DALIGenericIterator(self.pipe, ["images", "labels", "tag"], auto_reset=False)
+        except BaseException:  # its first batch failed: its workers must not outlive it
+            stop_dali(self.pipe)
+            raise
         pool = getattr(self.pipe, "_py_pool", None)
         self.pids = pool.pids() if pool is not None else []
         # How far ahead of the batch being taken the workers may have begun one: the source's

@@ -220,7 +220,13 @@ class Loader:
                 from augment.dali_backend import DaliStream as backend
             else:
                 from augment.torch_backend import TorchStream as backend
-            stream = backend(self.request(table))
+            try:
+                stream = backend(self.request(table))
+            except WorkerError:
+                raise
+            except Exception:  # DALI runs the first batch while it starts: a worker's error shows here
+                raise_worker_error(table)
+                raise
         except BaseException:
             table.remove()
             raise

@@ -315,33 +315,46 @@ class JpegImages:
                                    "(imgprep verify)")
 
     def stored(self, i: int) -> np.ndarray:
-        return self.blobs[i]
+        blob = self.blobs[i]
+        self.check_header(blob.tobytes(), i)
+        return blob
 
     def stored_many(self, indices) -> list[np.ndarray]:
+        """The blobs, each header checked: they go to a decoder (DALI's) that would take any size."""
         indices = np.asarray(indices, dtype=np.int64)
         wanted, back = np.unique(indices, return_inverse=True)  # h5py wants increasing indices
         blobs = self.blobs[wanted] if len(wanted) else []
+        for k, i in enumerate(wanted.tolist()):
+            self.check_header(blobs[k].tobytes(), i)
         return [blobs[k] for k in back.reshape(-1).tolist()]
+
+    def check_header(self, data: bytes, i: int) -> None:
+        """Refuse blob ``i`` unless its JPEG header declares the stored size: one that declares
+        another (or an enormous one) is refused before any pixel is decoded."""
+        import simplejpeg
+
+        expected = tuple(int(v) for v in self.sizes[i])
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError as error:
+            raise ShardFormatError(f"shard {self.path}: image {i} is not a readable JPEG ({error})") from None
+        if (height, width) != expected:
+            raise ShardFormatError(f"shard {self.path}: image {i} is a {width}x{height} JPEG where the shard "
+                                   f"holds {expected[1]}x{expected[0]} images (imgprep verify)")
 
     def image(self, i: int) -> np.ndarray:
         return self.decode(self.blobs[i], i)
 
     def decode(self, blob: np.ndarray, i: int) -> np.ndarray:
-        """Blob ``i`` decoded to RGB, after its header was checked against the stored size: a blob
-        that declares another size (or an enormous one) is refused before any pixel is decoded."""
+        """Blob ``i`` decoded to RGB, after its header was checked against the stored size."""
         import simplejpeg
 
         data = blob.tobytes()
-        expected = tuple(int(v) for v in self.sizes[i])
+        self.check_header(data, i)
         try:
-            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-            if (height, width) != expected:
-                raise ShardFormatError(f"shard {self.path}: image {i} is a {width}x{height} JPEG where the shard "
-                                       f"holds {expected[1]}x{expected[0]} images (imgprep verify)")
-            image = simplejpeg.decode_jpeg(data, "RGB")
+            return simplejpeg.decode_jpeg(data, "RGB")
         except ValueError as error:
             raise ShardFormatError(f"shard {self.path}: image {i} is not a readable JPEG ({error})") from None
-        return image
 
     def add_to_sums(self, indices, sums: PixelSums) -> None:
         for i in indices:  # decoded one at a time: a batch of decoded images would not be smaller

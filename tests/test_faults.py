@@ -693,3 +693,97 @@ def test_a_full_disk_at_the_very_end_of_a_shard_job_is_one_line_and_a_rerun_fini
     monkeypatch.undo()
     rerun = run_cli(["shard", str(fake_src), "--out", str(out), "--shard-size", "16", "--workers", "1", "--quiet"])
     assert rerun.exit_code == 0 and "kept from an earlier run" in rerun.output, rerun.output
+
+
+# ----------------------------------------------------------------------------- shards that are not what they say
+
+
+def rewrite_shard(root: Path, change) -> Path:
+    """``change(h5, other_folder)`` applied to the first train shard of ``root``, its sha256 in the
+    manifest updated (a hostile uploader controls both, so verify's hash check cannot catch it)."""
+    import h5py
+
+    from prep.shards import sha256_file
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][0]
+    path = root / entry["file"]
+    with h5py.File(path, "r+") as h5:
+        change(h5, root.parent)
+    entry["sha256"] = sha256_file(path)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def move_labels_out(kind: str):
+    """A change that makes the shard's labels (or, "labels 99", its values) come from elsewhere."""
+    import h5py
+    import numpy as np
+
+    def change(h5, elsewhere: Path):
+        labels = h5["labels"][:]
+        if kind == "labels 99":
+            h5["labels"][0] = 99
+            return
+        del h5["labels"]
+        if kind == "external link":
+            with h5py.File(elsewhere / "other.h5", "w") as other:
+                other["labels"] = labels
+            h5["labels"] = h5py.ExternalLink(str(elsewhere / "other.h5"), "labels")
+        elif kind == "soft link":
+            h5["stash"] = labels
+            h5["labels"] = h5py.SoftLink("/stash")
+        elif kind == "virtual dataset":
+            with h5py.File(elsewhere / "other.h5", "w") as other:
+                other["labels"] = labels
+            layout = h5py.VirtualLayout(shape=labels.shape, dtype=labels.dtype)
+            layout[:] = h5py.VirtualSource(str(elsewhere / "other.h5"), "labels", shape=labels.shape)
+            h5.create_virtual_dataset("labels", layout)
+        else:  # external raw storage
+            raw = elsewhere / "labels.bin"
+            raw.write_bytes(np.ascontiguousarray(labels).tobytes())
+            h5.create_dataset("labels", shape=labels.shape, dtype=labels.dtype, external=[(str(raw), 0, raw.stat().st_size)])
+
+    return change
+
+
+@pytest.mark.parametrize("kind, message", [("external link", "is a ExternalLink, a link out of the shard"),
+                                           ("soft link", "is a SoftLink, a link out of the shard"),
+                                           ("virtual dataset", "is a virtual dataset"),
+                                           ("external storage", "is stored in external files"),
+                                           ("labels 99", "outside the 4 classes of its manifest")])
+def test_a_shard_may_not_read_outside_itself_nor_hold_labels_of_no_class(fresh_copy, tmp_path, kind, message):
+    from prep.errors import ShardFormatError
+    from prep.shards import open_shards
+
+    path = rewrite_shard(fresh_copy, move_labels_out(kind))
+    with pytest.raises(ShardFormatError, match=message):
+        open_shards(fresh_copy).split("train")[0]
+    result = run_cli(["verify", str(fresh_copy)])
+    assert result.exit_code == 1 and f"unreadable: shard {path}" in result.output and message in result.output
+    one_line_error(train_cli("run", fresh_copy, *TINY, *FAST, "--lighting", 0, "--out", tmp_path / "run"), message)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_a_jpeg_blob_of_another_size_is_refused_before_decoding(tmp_path, fake_src, backend):
+    # One blob declaring 2000x2000 in a 64-px shard: each backend's workers check the header first.
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    shards = tmp_path / "jpeg"
+    assert run_cli(["shard", str(fake_src), "--out", str(shards), "--encoding", "jpeg", "--size", "64", "--quiet",
+                    "--workers", "1"]).exit_code == 0
+    big = io.BytesIO()
+    Image.new("RGB", (2000, 2000), (90, 120, 30)).save(big, "JPEG")
+
+    def change(h5, elsewhere):
+        h5["jpeg"][0] = np.frombuffer(big.getvalue(), np.uint8)
+
+    rewrite_shard(shards, change)
+    result = train_cli("run", shards, *TINY, "--device", "cpu", "--backend", backend, "--workers", 1, "--batch-size", 8,
+                       "--crop", 56, "--lighting", 0, "--epochs", 1, "--out", tmp_path / "run")
+    one_line_error(result, "is a 2000x2000 JPEG where the shard holds 64x64 images")
