@@ -761,7 +761,8 @@ def test_a_shard_may_not_read_outside_itself_nor_hold_labels_of_no_class(fresh_c
         open_shards(fresh_copy).split("train")[0]
     result = run_cli(["verify", str(fresh_copy)])
     assert result.exit_code == 1 and f"unreadable: shard {path}" in result.output and message in result.output
-    one_line_error(train_cli("run", fresh_copy, *TINY, *FAST, "--lighting", 0, "--out", tmp_path / "run"), message)
+    if kind == "external link":  # the trainer reads through the same reader: once is enough
+        one_line_error(train_cli("run", fresh_copy, *TINY, *FAST, "--lighting", 0, "--out", tmp_path / "run"), message)
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
