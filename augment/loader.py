@@ -21,7 +21,6 @@ workers had begun before it are dropped.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import weakref
 
@@ -31,16 +30,11 @@ from augment.colour import ColourStats, colour_stats
 from augment.errors import AugmentError, WorkerError, forget_worker_errors, raise_worker_error
 from augment.feed import BatchPlan, StreamTable
 from augment.sampler import check_batch_fits
-from augment.spec import AugmentSpec
+from augment.spec import BACKENDS, AugmentSpec, dali_available
 from augment.streams import Stream, StreamRequest
 from prep.shards import ShardSet, open_shards
 
-BACKENDS = ("dali", "torch")
 RESIZE_ON = ("device", "workers")
-
-
-def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia.dali") is not None
 
 
 class Loader:

@@ -7,6 +7,19 @@ from dataclasses import dataclass
 
 from augment.errors import AugmentError
 
+BACKENDS = ("dali", "torch")  # the loader's two implementations of one recipe (see augment.loader)
+
+
+def dali_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def usable_backends() -> tuple[str, ...]:
+    """The backends this machine can run: both with DALI installed, else torch."""
+    return BACKENDS if dali_available() else ("torch",)
+
 MODES = ("train", "val", "test10")
 CROP_MODES = ("paper", "random-resized")
 NORMALIZE = ("channel", "mean-image", "torchvision", "none")

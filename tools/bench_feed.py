@@ -141,7 +141,7 @@ def endless(loader):
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table here.")
 def main(images, batch_size, samples, workers, markdown):
     """CPU per sample of each backend's feed against copying the same images out of the page cache."""
-    from augment.loader import dali_available
+    from augment.spec import usable_backends
     from prep.stats import compute_stats
 
     work = Path(tempfile.mkdtemp(prefix="bench-feed-"))
@@ -152,7 +152,7 @@ def main(images, batch_size, samples, workers, markdown):
             file.read_bytes()
         floor = copy_floor(root, batch_size, samples, seed=0)
         rows = [("copy out of the page cache (floor)", floor)]
-        backends = ("dali", "torch") if dali_available() else ("torch",)
+        backends = usable_backends()
         for backend in backends:
             for alone in (True, False):
                 where = "alone" if alone else "inside the full train pipeline"

@@ -90,7 +90,7 @@ def main(corpus, device, workers, batch_size, batches, baseline, keep, markdown)
     """Images/s of the augment backends against a Pillow JPEG DataLoader."""
     from augment import AugmentSpec, Loader
     from augment.colour import colour_stats
-    from augment.loader import dali_available
+    from augment.spec import usable_backends
     from prep.job import run_shard_job
     from prep.plan import ShardOptions
     from prep.sources import scan_tree
@@ -112,7 +112,7 @@ def main(corpus, device, workers, batch_size, batches, baseline, keep, markdown)
                                                pin_memory=device == "cuda")
             rows.append(("torch DataLoader, Pillow JPEG decode + per-sample maths",
                          images_per_second(endless(jpeg, device), batch_size, 3, batches)))
-        backends = ("dali", "torch") if dali_available() else ("torch",)
+        backends = usable_backends()
         for backend in backends:
             with Loader(shards, "train", batch_size, spec, backend=backend, device=device, workers=workers) as loader:
                 rows.append((f"augment Loader, {backend} backend, raw shards",

@@ -184,9 +184,9 @@ class Loaders:
 
 
 def backends() -> tuple[str, ...]:
-    from augment.loader import dali_available
+    from augment.spec import usable_backends
 
-    return ("dali", "torch") if dali_available() else ("torch",)
+    return usable_backends()
 
 
 def loader_rows(numbers: Numbers, loaders: Loaders, run: dict) -> None:

@@ -31,14 +31,13 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 
-from augment.spec import AugmentSpec, CROP_MODES, NORMALIZE
+from augment.spec import BACKENDS, CROP_MODES, NORMALIZE, AugmentSpec
 from prep import DEFAULT_SHARDS
 from prep.errors import ImgprepError
 
 SCHEDULES = ("plateau", "step", "cosine", "cyclic")
 AMP = ("bf16", "fp16", "off")
 DEVICES = ("cuda", "cpu")
-BACKENDS = ("dali", "torch")
 FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
 
 
