@@ -316,7 +316,7 @@ class JpegImages:
 
     def stored(self, i: int) -> np.ndarray:
         blob = self.blobs[i]
-        self.check_header(blob.tobytes(), i)
+        self.check_header(blob, i)
         return blob
 
     def stored_many(self, indices) -> list[np.ndarray]:
@@ -324,18 +324,18 @@ class JpegImages:
         indices = np.asarray(indices, dtype=np.int64)
         wanted, back = np.unique(indices, return_inverse=True)  # h5py wants increasing indices
         blobs = self.blobs[wanted] if len(wanted) else []
-        for k, i in enumerate(wanted.tolist()):
-            self.check_header(blobs[k].tobytes(), i)
+        for blob, i in zip(blobs, wanted.tolist()):
+            self.check_header(blob, i)
         return [blobs[k] for k in back.reshape(-1).tolist()]
 
-    def check_header(self, data: bytes, i: int) -> None:
+    def check_header(self, blob: np.ndarray, i: int) -> None:
         """Refuse blob ``i`` unless its JPEG header declares the stored size: one that declares
         another (or an enormous one) is refused before any pixel is decoded."""
         import simplejpeg
 
         expected = tuple(int(v) for v in self.sizes[i])
         try:
-            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            height, width, _, _ = simplejpeg.decode_jpeg_header(blob)  # reads the array in place
         except ValueError as error:
             raise ShardFormatError(f"shard {self.path}: image {i} is not a readable JPEG ({error})") from None
         if (height, width) != expected:
@@ -343,16 +343,15 @@ class JpegImages:
                                    f"holds {expected[1]}x{expected[0]} images (imgprep verify)")
 
     def image(self, i: int) -> np.ndarray:
-        return self.decode(self.blobs[i], i)
+        return self.decode(self.stored(i), i)
 
     def decode(self, blob: np.ndarray, i: int) -> np.ndarray:
-        """Blob ``i`` decoded to RGB, after its header was checked against the stored size."""
+        """Blob ``i``, as ``stored`` or ``stored_many`` gave it (its header checked there),
+        decoded to RGB."""
         import simplejpeg
 
-        data = blob.tobytes()
-        self.check_header(data, i)
         try:
-            return simplejpeg.decode_jpeg(data, "RGB")
+            return simplejpeg.decode_jpeg(blob, "RGB")
         except ValueError as error:
             raise ShardFormatError(f"shard {self.path}: image {i} is not a readable JPEG ({error})") from None
 
