@@ -380,7 +380,7 @@ class ShardFile:
             if error.errno == errno.EMFILE:
                 raise ShardFormatError(f"too many open files reading {path}: raise the limit (ulimit -n) "
                                        "or shard with a larger --shard-size") from None
-            raise ShardFormatError(f"shard {path} cannot be opened as HDF5: {error}") from None
+            raise ShardFormatError(f"shard {path} cannot be opened as HDF5: {error} (imgprep verify)") from None
         try:
             self._check(split, reader)
             file_bytes = os.path.getsize(path)
@@ -416,7 +416,8 @@ class ShardFile:
             found = found.item() if isinstance(found, np.generic) else found
             found = found.decode("utf-8", "replace") if isinstance(found, bytes) else found
             if found != value:
-                raise ShardFormatError(f"shard {self.path} has {name}={found!r} where the manifest says {value!r}")
+                raise ShardFormatError(f"shard {self.path} has {name}={found!r} where the manifest says {value!r} "
+                                       "(imgprep verify)")
 
     def _check_labels(self, classes: int, count: int | None) -> None:
         if self.labels.ndim != 1 or (count is not None and len(self.labels) != count):
@@ -448,6 +449,8 @@ def inside_only(h5: h5py.File, name: str, path, file_bytes: int) -> None:
     virtual dataset, or external raw storage would make a reader read another file. And one that
     declares more bytes than the whole file holds (damage: reading it would allocate them)."""
     link = h5.get(name, getlink=True)
+    if link is None:  # listed by the group but not resolvable: a damaged header, not a link
+        raise ShardFormatError(f"{path} is damaged: '{name}' is listed but cannot be read (imgprep verify)")
     if not isinstance(link, h5py.HardLink):
         raise ShardFormatError(f"shard {path}: '{name}' is a {type(link).__name__}, a link out of the shard; "
                                "shards hold all their data themselves (imgprep verify)")

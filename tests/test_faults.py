@@ -789,3 +789,49 @@ def test_a_jpeg_blob_of_another_size_is_refused_before_decoding(tmp_path, fake_s
     result = train_cli("run", shards, *TINY, "--device", "cpu", "--backend", backend, "--workers", 1, "--batch-size", 8,
                        "--crop", 56, "--lighting", 0, "--epochs", 1, "--out", tmp_path / "run")
     one_line_error(result, "is a 2000x2000 JPEG where the shard holds 64x64 images")
+
+
+FLIP_TRIALS = r'''
+import json, random, sys
+from pathlib import Path
+from prep.errors import ImgprepError
+from prep.shards import open_shards
+
+root, trials = Path(sys.argv[1]), int(sys.argv[2])
+files = sorted((root / "train").glob("*.h5"))
+whole = {f: f.read_bytes() for f in files}
+rng = random.Random(0)
+for trial in range(trials):
+    victim = files[rng.randrange(len(files))]
+    data = bytearray(whole[victim])
+    data[rng.randrange(min(len(data), 4096))] ^= 1 << rng.randrange(8)
+    victim.unlink()  # a new inode: no reader may see the last trial's file through a cache
+    victim.write_bytes(bytes(data))
+    outcome = {"shard": str(victim)}
+    try:
+        split = open_shards(root).split("train")
+        for number in range(len(split.files)):
+            split.shard_file(number)
+        split.close()
+    except ImgprepError as error:
+        outcome["error"] = str(error)
+    print(json.dumps(outcome), flush=True)
+    victim.unlink()
+    victim.write_bytes(whole[victim])
+'''
+
+
+def test_single_bit_flips_in_a_shard_header_are_one_line_naming_the_shard(fresh_copy):
+    # 120 seeded flips in the first 4 KiB of a shard (its HDF5 superblock, object headers and heaps),
+    # each opened as the loader opens shards. Run in a child with a time limit: a flip can make
+    # libhdf5 itself loop (docs/RELIABILITY.md), and that must fail this test, not hang the suite.
+    result = subprocess.run([sys.executable, "-c", FLIP_TRIALS, str(fresh_copy), "120"], capture_output=True,
+                            text=True, timeout=120, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(outcomes) == 120
+    errors = [o for o in outcomes if "error" in o]
+    assert len(errors) >= 10  # a fair part of the flips hit something the reader checks
+    for outcome in errors:
+        message = outcome["error"]
+        assert outcome["shard"] in message and "\n" not in message and "(imgprep verify)" in message, message
