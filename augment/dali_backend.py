@@ -109,6 +109,7 @@ class ShardSource:
 
     def __init__(self, request: StreamRequest, kind: str, names: tuple[str, ...]):
         self.root, self.split, self.plan, self.table = request.root, request.split, request.plan, request.table
+        self.cache = request.cache
         self.spec, self.kind, self.names = request.spec, kind, names
         self.parent_pid = os.getpid()  # the training process: workers must not outlive it
         self._reader = None
@@ -130,7 +131,7 @@ class ShardSource:
             from prep.shards import open_shards
 
             quiet_threads(self.parent_pid)
-            self._reader = open_shards(self.root).split(self.split)
+            self._reader = open_shards(self.root, cached_by=self.cache).split(self.split)
         reader, spec = self._reader, self.spec
         generation, epoch, position, res = self.table.place(self.plan, k)
         batch = self.plan.batch(epoch, position, reader, res, generation)

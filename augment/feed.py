@@ -32,7 +32,7 @@ import numpy as np
 
 from augment.colour import ColourStats, lighting_offsets
 from augment.params import SampleParams, sample_params
-from augment.sampler import batches_per_epoch, rank_samples
+from augment.sampler import ShardWindows, batches_per_epoch, rank_samples
 from augment.spec import AugmentSpec
 
 
@@ -54,8 +54,8 @@ class BatchPlan:
     constants), so workers get a copy."""
 
     def __init__(self, n: int, spec: AugmentSpec, size: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 colour: ColourStats | None = None):
-        self.n, self.spec, self.size, self.batch_size = n, spec, size, batch_size
+                 colour: ColourStats | None = None, windows: ShardWindows | None = None):
+        self.n, self.spec, self.size, self.batch_size, self.windows = n, spec, size, batch_size, windows
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.colour = replace(colour, mean_image=None) if colour is not None else None  # eigenpairs only
         self.per_epoch = batches_per_epoch(n, batch_size, rank, world_size, spec.random)
@@ -76,7 +76,7 @@ class BatchPlan:
         SplitReader). ``res``: the training resolution (default spec.crop)."""
         if self._order[0] != epoch:
             self._order = (epoch, rank_samples(self.n, self.batch_size, self.rank, self.world_size,
-                                               self.spec.random, self.seed, epoch))
+                                               self.spec.random, self.seed, epoch, self.windows))
         order = self._order[1]
         start = position * self.batch_size
         real = order[start : start + self.batch_size]

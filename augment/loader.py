@@ -29,7 +29,7 @@ import torch
 from augment.colour import ColourStats, colour_stats
 from augment.errors import AugmentError, WorkerError, forget_worker_errors, raise_worker_error
 from augment.feed import BatchPlan, StreamTable
-from augment.sampler import check_batch_fits
+from augment.sampler import ShardWindows, check_batch_fits
 from augment.spec import BACKENDS, AugmentSpec, dali_available
 from augment.streams import Stream, StreamRequest
 from prep.shards import ShardSet, open_shards
@@ -45,8 +45,13 @@ class Loader:
     def __init__(self, shards, split: str = "train", batch_size: int = 128, spec: AugmentSpec = AugmentSpec(),
                  backend: str | None = None, device: str = "cuda", rank: int = 0, world_size: int = 1,
                  seed: int = 0, workers: int = 4, colour: ColourStats | None = None, max_res: int | None = None,
-                 resize_on: str | None = None):
-        """``shards``: a folder or an open ``ShardSet``; ``colour``: the folder's colour
+                 resize_on: str | None = None, cache=None, cache_limit: int | None = None,
+                 window: int | None = None):
+        """``shards``: a folder, a URL (``s3://bucket/prefix``: read through a local cache in
+        folder ``cache``, default ~/.cache/imgprep, of at most ``cache_limit`` bytes) or an open
+        ``ShardSet``; ``window``: train in shard-window order, K shards at a time
+        (``augment.sampler``); by default only when the shards do not all fit the cache, with K
+        from its limit; ``colour``: the folder's colour
         statistics when the caller has them already (see ``augment.colour``); ``max_res``: the
         largest training resolution ``set_epoch`` will ask for (default spec.crop); ``resize_on``
         (DALI): where resized windows are made, "device" (the default on a GPU) or "workers"
@@ -67,8 +72,9 @@ class Loader:
             raise AugmentError(f"workers must be 0 to {MAX_WORKERS}, got {workers}")
         if resize_on not in (None, *RESIZE_ON):
             raise AugmentError(f"resize_on must be one of {', '.join(RESIZE_ON)}, got {resize_on!r}")
-        self.shard_set = shards if isinstance(shards, ShardSet) else open_shards(shards)
+        self.shard_set = shards if isinstance(shards, ShardSet) else open_shards(shards, cache, cache_limit)
         self.reader = self.shard_set.split(split)
+        self.window = window_for(self.reader, window) if spec.random else None
         self.size = self.shard_set.size
         self.max_res = max_res or spec.crop
         check_batch_fits(len(self.reader), batch_size, world_size, split, spec.random)
@@ -78,7 +84,9 @@ class Loader:
         self._check_res(spec.crop, "crop")
         self._check_res(self.max_res, "max_res")
         self.colour = colour or colour_stats(self.shard_set.root, spec)
-        self.plan = BatchPlan(len(self.reader), spec, self.size, batch_size, rank, world_size, seed, self.colour)
+        windows = ShardWindows(tuple(self.reader.starts), self.window) if self.window else None
+        self.plan = BatchPlan(len(self.reader), spec, self.size, batch_size, rank, world_size, seed, self.colour,
+                              windows)
         self.epoch, self.position, self.res = 0, 0, spec.crop  # the next batch to yield, and its resolution
         self._stream: Stream | None = None  # the running stream of batches (an endless iterator) ...
         self._table: StreamTable | None = None  # ... where each of its batches belongs ...
@@ -121,12 +129,15 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size,
-                "res": self.res}
+                "res": self.res, "window": self.window}
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed or state["world_size"] != self.world_size:
             raise AugmentError(f"loader state was saved with seed {state['seed']} and world size "
                                f"{state['world_size']}; this loader has {self.seed} and {self.world_size}")
+        if state.get("window") != self.window:  # another order: the resumed epoch would not be the same
+            raise AugmentError(f"loader state was saved with shard windows of {state.get('window')} (None: fully "
+                               f"random order); this loader has {self.window}: give window={state.get('window')}")
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position <= len(self):
             raise AugmentError(f"loader state (epoch {epoch}, batch {position}) is outside an epoch of "
@@ -203,7 +214,7 @@ class Loader:
         shard_set = self.shard_set
         return StreamRequest(str(shard_set.root), self.split, self.plan, table, self.spec, self.colour, self.device,
                              self.workers, self.size, shard_set.max_side, shard_set.square,
-                             shard_set.storage.compressed, self.max_res, self.resize_on)
+                             shard_set.storage.compressed, self.max_res, self.resize_on, shard_set.cache)
 
     def _start_stream(self, epoch: int, position: int, res: int) -> None:
         self.close()
@@ -264,3 +275,14 @@ def _stop_streams_before_multiprocessing_exits() -> None:
 def _stop_all_at_exit() -> None:
     for finalizer in list(_running_streams):
         finalizer()  # a finalizer runs its function once; later calls do nothing
+
+
+def window_for(reader, window: int | None) -> int | None:
+    """K of the shard-window order: the one asked for, else the cache's (None: fully random)."""
+    if window is None:
+        return reader.window
+    if not 1 <= window <= len(reader.files):
+        raise AugmentError(f"window must be 1 to {len(reader.files)} shards (the split's), got {window}")
+    if reader.window is not None and window > reader.window:
+        raise AugmentError(f"a window of {window} shards does not fit the cache limit: at most {reader.window}")
+    return window

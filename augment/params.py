@@ -64,7 +64,7 @@ def splitmix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-AUGMENT, ORDER = 0, 1  # domains: the draws that order an epoch must not be the ones that crop
+AUGMENT, ORDER, SHARD_ORDER = 0, 1, 2  # domains: the draws that order an epoch must not be the ones that crop
 
 
 def uniforms(seed: int, epoch: int, indices: np.ndarray, count: int, domain: int = AUGMENT) -> np.ndarray:

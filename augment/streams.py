@@ -36,6 +36,7 @@ class StreamRequest:
     compressed: bool  # the shards hold JPEG blobs
     max_res: int  # the largest output side the stream will be asked for
     resize_on: str | None = None  # DALI only: "device" or "workers" (None: the device on a GPU, else the workers)
+    cache: object = None  # the prep.cache.ShardCache whose local folder ``root`` is, for a remote folder
 
     @property
     def batch_size(self) -> int:

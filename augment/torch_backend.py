@@ -133,6 +133,7 @@ class SlotFiller(torch.utils.data.Dataset):
 
     def __init__(self, request: StreamRequest, ring: SlotRing):
         self.root, self.split, self.plan, self.table = request.root, request.split, request.plan, request.table
+        self.cache = request.cache
         self.spec, self.whole = request.spec, copies_whole(request)
         self.images, self.params = ring.images, ring.params
         self.parent_pid = os.getpid()
@@ -147,7 +148,7 @@ class SlotFiller(torch.utils.data.Dataset):
             from prep.shards import open_shards
 
             quiet_threads(self.parent_pid)
-            self._reader = open_shards(self.root).split(self.split)
+            self._reader = open_shards(self.root, cached_by=self.cache).split(self.split)
         generation, epoch, position, res = self.table.place(self.plan, k)
         batch = self.plan.batch(epoch, position, self._reader, res, generation)
         slot = k % len(self.images)

@@ -16,12 +16,18 @@ ENCODINGS = ("raw", "jpeg")
 KEEP_ASPECT = "keep"
 
 
-def shards_folder(given=None) -> Path:
-    """The shard folder a command works on: ``given``, else $IMGPREP_SHARDS, else ./shards."""
-    if given:
-        return Path(given)
-    refuse_an_empty_shards_variable()
-    return Path(os.environ.get(SHARDS_ENV, DEFAULT_SHARDS))
+def shards_folder(given=None):
+    """The shard folder a command works on: ``given``, else $IMGPREP_SHARDS, else ./shards; a
+    Path, or a URL string (``s3://bucket/prefix``) as given."""
+    if not given:
+        refuse_an_empty_shards_variable()
+        given = os.environ.get(SHARDS_ENV, DEFAULT_SHARDS)
+    if isinstance(given, str) and "://" in given:
+        from prep.remote import is_url
+
+        if is_url(given):
+            return given.rstrip("/")
+    return Path(given)
 
 
 def refuse_an_empty_shards_variable() -> None:

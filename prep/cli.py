@@ -24,7 +24,7 @@ from prep.plan import ENCODINGS, ENGINES, POLICIES
 def shards_argument(command):
     return click.argument(
         "shards", required=False, default=None, metavar="[SHARDS]",
-        type=FolderOrFile(file_okay=False, path_type=Path),
+        type=FolderOrFile(file_okay=False, path_type=Path, urls=True),
     )(command)
 
 
@@ -36,8 +36,10 @@ def main():
 
 @main.command()
 @click.argument("src", type=FolderOrFile(path_type=Path))
-@click.option("--out", type=FolderOrFile(file_okay=False, path_type=Path), envvar=SHARDS_ENV,
-              default=DEFAULT_SHARDS, show_default=True, show_envvar=True, help="Output folder.")
+@click.option("--out", type=FolderOrFile(file_okay=False, path_type=Path, urls=True), envvar=SHARDS_ENV,
+              default=DEFAULT_SHARDS, show_default=True, show_envvar=True,
+              help="Output folder, or a URL (s3://bucket/prefix: written in the local cache folder "
+                   "~/.cache/imgprep, then uploaded, the manifest last).")
 @click.option("--size", default=256, show_default=True, help="Output side in pixels.")
 @click.option("--policy", type=click.Choice(POLICIES), default="crop", show_default=True,
               help="crop: shorter side to SIZE, then the central SIZE x SIZE (the paper). "
@@ -111,9 +113,26 @@ def shard(src, out, size, policy, max_aspect, encoding, quality, shard_size, see
     found = ", ".join(f"{len(items):,} {split}" for split, items in dataset.splits.items())
     click.echo(f"found {found} files in {len(dataset.classes):,} classes; "
                f"{len(dataset.rejects):,} left out while scanning")
+    url = out if isinstance(out, str) else None
+    if url is not None:  # staged where a Loader on this machine will look for the URL's files
+        from prep.cache import ShardCache
+        from prep.errors import PrepError
+
+        if engine == "ray":
+            raise PrepError("--engine ray writes to a folder every worker sees; a URL --out is local-engine only "
+                            "for now: shard to shared storage, or use the local engine")
+        staging = ShardCache(url)
+        staging.remote.check_reachable()
+        out = staging.root
     with sigterm_as_interrupt():  # a scheduler's SIGTERM: stop workers, keep finished shards, say so
         summary = run_shard_job(dataset, out, options, workers, overwrite, progress=not quiet, engine=engine,
                                 ray_address=ray_address)
+        if url is not None:
+            from prep.upload import upload_shards
+
+            sent = upload_shards(out, url, progress=not quiet)
+            click.echo(f"uploaded {sent.files} shard files ({human_bytes(sent.bytes)}) to {escaped(url)}"
+                       + (f"; {sent.kept} were there already" if sent.kept else ""))
     written = ", ".join(f"{n:,} {split}" for split, n in summary.counts.items())
     if summary.already_complete:
         click.echo(f"{escaped(out)} is already complete ({written} images); nothing to do")
@@ -143,14 +162,23 @@ def pca_stats(shards, split, workers, sample, seed, quiet):
     depend on --workers. stats.json records the sha256 of manifest.json, so readers notice
     when the shards have changed since. SHARDS defaults to $IMGPREP_SHARDS, else ./shards.
     """
+    from prep.errors import escaped
     from prep.pool import usable_cores
     from prep.stats import compute_stats
 
-    root = shards_folder(shards)
+    root = url = shards_folder(shards)
+    if isinstance(url, str):  # a URL: measured on the cached files, the two results uploaded
+        from prep.upload import fetch_split
+
+        root = fetch_split(url, split, progress=not quiet)
     workers = workers or usable_cores()
-    click.echo(f"imgprep pca-stats {root}  (split={split} workers={workers} "
+    click.echo(f"imgprep pca-stats {escaped(url)}  (split={split} workers={workers} "
                f"sample={sample or 'all'} seed={seed})")
     stats = compute_stats(root, split, workers, sample, seed, progress=not quiet)
+    if isinstance(url, str):
+        from prep.upload import upload_stats
+
+        upload_stats(root, url)
     rows = [("mean 0-255", stats["mean"], 1), ("mean 0-1", stats["mean"], 255),
             ("std 0-255", stats["std"], 1), ("std 0-1", stats["std"], 255)]
     click.echo(f"\n{'':12}{'R':>10}{'G':>10}{'B':>10}")
@@ -188,7 +216,7 @@ def preview(shards, out, split, images, versions, lighting, seed, crop):
     """
     from augment.preview import make_preview
 
-    path, rows = make_preview(shards_folder(shards), out, split, images, versions, lighting, seed, crop)
+    path, rows = make_preview(local_folder(shards_folder(shards)), out, split, images, versions, lighting, seed, crop)
     click.echo(f"wrote {path} ({rows} images x {versions} augmented versions)")
 
 
@@ -203,9 +231,17 @@ def info(shards):
     from prep.errors import PrepError, escaped
     from prep.shards import read_manifest, read_rejects
 
-    root = shards_folder(shards)
+    root = shown = shards_folder(shards)
+    sizes = None
+    if isinstance(root, str):  # a URL: its manifest, rejects and stats are fetched into the cache
+        from prep.cache import ShardCache
+        from prep.shards import shard_entries
+
+        cache = ShardCache(root)
+        root = cache.prepare()
+        sizes = cache.sizes([e["file"] for e in shard_entries(read_manifest(root))])
     manifest = read_manifest(root)  # every name in it may come from a file: each printed escaped
-    click.echo(escaped(f"{root}  ({manifest['format']} v{manifest['version']}, made by {manifest.get('tool', '?')})"))
+    click.echo(escaped(f"{shown}  ({manifest['format']} v{manifest['version']}, made by {manifest.get('tool', '?')})"))
     click.echo(escaped(f"source   {manifest.get('source', '?')}"))
     click.echo(escaped("options  " + " ".join(f"{k}={v}" for k, v in manifest["options"].items())))
     classes = manifest["classes"]
@@ -213,7 +249,10 @@ def info(shards):
     click.echo(escaped(f"classes  {len(classes):,}: {shown}{', ...' if len(classes) > 3 else ''}"))
     click.echo(f"\n{'split':8}{'images':>12}{'shards':>8}{'on disk':>12}{'rejected':>10}")
     for split, entry in manifest["splits"].items():
-        size = sum((root / e["file"]).stat().st_size for e in entry["shards"] if (root / e["file"]).exists())
+        if sizes is not None:
+            size = sum(sizes[e["file"]] for e in entry["shards"])
+        else:
+            size = sum((root / e["file"]).stat().st_size for e in entry["shards"] if (root / e["file"]).exists())
         count = sum(e["count"] for e in entry["shards"])
         click.echo(f"{escaped(split):8}{count:>12,}{len(entry['shards']):>8}{human_bytes(size):>12}{entry.get('rejected', 0):>10,}")
     try:
@@ -228,6 +267,17 @@ def info(shards):
             example = next(r["path"] for r in rejects if r["reason"].split(":")[0] == reason)
             click.echo(f"{count:>8,}  {escaped(reason)}  (e.g. {escaped(example)})")
     click.echo(f"\nstats    {escaped(stats_state(root))}")
+
+
+def local_folder(root):
+    """``root`` if it is a local folder; a URL is one line (these commands read folders on disk)."""
+    if isinstance(root, str):
+        from prep.errors import PrepError
+
+        command = click.get_current_context().info_name
+        raise PrepError(f"imgprep {command} works on a folder on disk, not {root}: run it before uploading the "
+                        "shards (train run and imgprep info read buckets)")
+    return root
 
 
 def stats_state(root: Path) -> str:
@@ -259,7 +309,7 @@ def verify(shards):
     from prep.errors import ShardFormatError, escaped
     from prep.shards import open_shards, sha256_file, shard_entries
 
-    root = shards_folder(shards)
+    root = local_folder(shards_folder(shards))
     shard_set = open_shards(root)
     entries = shard_entries(shard_set.manifest)
     present = [e for e in entries if (root / e["file"]).is_file()]

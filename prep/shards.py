@@ -207,15 +207,28 @@ def read_rejects(root) -> list[dict]:
     return rejects
 
 
-def open_shards(root) -> "ShardSet":
-    """Open a shard folder made by ``imgprep shard`` (checks format and version)."""
-    return ShardSet(root)
+def open_shards(root, cache=None, cache_limit: int | None = None, cached_by=None) -> "ShardSet":
+    """Open a shard folder made by ``imgprep shard`` (checks format and version). ``root`` may
+    be a URL (``s3://bucket/prefix``): its shard files are then read through a local cache
+    (``prep.cache``) in folder ``cache``, at most ``cache_limit`` bytes. ``cached_by``: the
+    ShardCache whose local folder ``root`` is (loader workers reopen a parent's cached set)."""
+    return ShardSet(root, cache, cache_limit, cached_by)
 
 
 class ShardSet:
-    """A shard folder: its manifest, classes and one reader per split."""
+    """A shard folder (local, or a URL read through a local cache): its manifest, classes and
+    one reader per split."""
 
-    def __init__(self, root):
+    def __init__(self, root, cache=None, cache_limit: int | None = None, cached_by=None):
+        from prep.remote import is_url
+
+        self.url = str(root) if is_url(root) else None
+        self.cache = cached_by
+        if self.url is not None and cached_by is None:
+            from prep.cache import ShardCache
+
+            self.cache = ShardCache(self.url, cache, cache_limit)
+            root = self.cache.prepare()
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         self.options: dict = self.manifest["options"]
@@ -253,6 +266,14 @@ class SplitReader:
         self.files = [entry["file"] for entry in entries]
         self.counts = [int(e["count"]) for e in entries]
         self.starts = [0, *itertools.accumulate(self.counts)]
+        self.cache, self.window, self.max_open = shard_set.cache, None, len(self.files)
+        if self.cache is not None:
+            self.sha256s = [entry.get("sha256") for entry in entries]
+            self.file_bytes = list(self.cache.sizes(self.files).values())
+            self.window = cache_window(self.file_bytes, self.cache.limit)
+            # Few files held at a time, whatever the split: every reader of every process on the
+            # node shares the limit (views handed out stay valid after a close: the map lives on).
+            self.max_open = 2 if self.cache.limit is not None else len(self.files)
         allow_open_files(len(self.files) + 64)
         self._open: dict[int, ShardFile] = {}
         self._pid = os.getpid()
@@ -280,10 +301,24 @@ class SplitReader:
     def shard_file(self, file_no: int) -> "ShardFile":
         if os.getpid() != self._pid:  # a forked child must not share HDF5 handles
             self._open, self._pid = {}, os.getpid()
-        if file_no not in self._open:
-            self._open[file_no] = ShardFile(self.root / self.files[file_no], self.split, self,
-                                            self.counts[file_no])
-        return self._open[file_no]
+        if file_no in self._open:
+            self._open[file_no] = self._open.pop(file_no)  # the most recently used is last
+            return self._open[file_no]
+        while len(self._open) >= self.max_open:  # a cached folder: leave room for the next files
+            self._open.pop(next(iter(self._open))).close()
+        held = None
+        if self.cache is not None:
+            held = self.cache.fetch(self.files[file_no], self.sha256s[file_no], self.file_bytes[file_no],
+                                    release=self.close)
+        try:
+            shard = ShardFile(self.root / self.files[file_no], self.split, self, self.counts[file_no])
+        except BaseException:
+            if held is not None:
+                held.close()
+            raise
+        shard.held = held
+        self._open[file_no] = shard
+        return shard
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         file_no, local = self.locate(index)
@@ -349,9 +384,8 @@ class SplitReader:
     def labels_of(self, indices) -> np.ndarray:
         """Labels (int64) of ``indices``, from the shard files that hold them (a worker reading
         their images has them open already), without reading every file's labels."""
-        file_nos, locals_ = self.locate_many(indices)
-        pairs = zip(file_nos.tolist(), locals_.tolist())  # a batch spans many files: one lookup a sample
-        return np.fromiter((self.shard_file(f).labels[i] for f, i in pairs), dtype=np.int64, count=len(file_nos))
+        parts = self._by_file(indices, lambda shard, locals_: shard.labels[locals_].tolist())
+        return np.array(parts, dtype=np.int64).reshape(-1)
 
     def close(self) -> None:
         for shard in self._open.values():
@@ -371,7 +405,7 @@ class ShardFile:
 
     def __init__(self, path: Path, split: str, reader: "SplitReader", count: int | None = None):
         self.path, self.size = path, reader.size
-        self.h5 = self.images = None
+        self.h5 = self.images = self.held = None
         try:
             self.h5 = h5py.File(path, "r")
         except FileNotFoundError:
@@ -442,6 +476,23 @@ class ShardFile:
         if self.h5 is not None:
             self.h5.close()
             self.h5 = None
+        if getattr(self, "held", None) is not None:  # a cached file: it may be evicted now
+            self.held.close()
+            self.held = None
+
+
+def cache_window(file_bytes: list[int], limit: int | None) -> int | None:
+    """K, the shards a window of the shard-window order holds for a cache of ``limit`` bytes, or
+    None when every file fits. A quarter of the cache: loader processes read the window a batch is
+    in and the next one as they cross into it (and some run a batch or two ahead), and each
+    reserves room for the file it downloads."""
+    if limit is None or sum(file_bytes) <= limit:
+        return None
+    largest = max(file_bytes)
+    if 4 * largest > limit:
+        raise ShardFormatError(f"a cache limit of {limit:,} bytes is too small for shards of up to {largest:,} "
+                               f"bytes: give at least {4 * largest:,}")
+    return max(1, limit // largest // 4)
 
 
 def inside_only(h5: h5py.File, name: str, path, file_bytes: int) -> None:

@@ -338,3 +338,28 @@ def test_torchvision_normalisation_is_its_published_constants(stats_shards, back
         sources = np.stack([loader.reader[i][0] for i in range(4)])
     window = sources[:, 16:240, 16:240].astype(np.float64)  # the central 224 window of 256
     np.testing.assert_allclose(images.numpy(), (window / 255 - mean) / std, atol=1e-4)
+
+
+def test_shard_window_order_visits_k_shards_at_a_time_and_each_sample_once():
+    from augment.sampler import ShardWindows, epoch_permutation
+
+    counts = [5, 3, 7, 4, 6, 2, 8]
+    starts = tuple(np.concatenate([[0], np.cumsum(counts)]).tolist())
+    n, windows = starts[-1], ShardWindows(starts, 3)
+    order = epoch_permutation(n, 4, 1, windows)
+    np.testing.assert_array_equal(np.sort(order), np.arange(n))  # a permutation: each sample once
+    shard_of = np.searchsorted(np.asarray(starts), order, side="right") - 1
+    seen, block, got = [], set(), {}
+    for shard in shard_of.tolist():  # the epoch is blocks of three whole shards (the last: what is left)
+        block.add(shard)
+        got[shard] = got.get(shard, 0) + 1
+        assert len(block) <= 3, "a fourth shard began before the window's three were done"
+        if len(block) == 3 and all(got[b] == counts[b] for b in block):
+            seen += sorted(block)
+            block = set()
+    assert all(got[b] == counts[b] for b in block)
+    seen += sorted(block)
+    assert sorted(seen) == list(range(len(counts)))
+    assert not np.array_equal(order, epoch_permutation(n, 4, 2, windows))  # another epoch, another order
+    parts = [rank_samples(n, 4, r, 2, True, 4, 1, windows) for r in range(2)]
+    assert len(parts[0]) == len(parts[1]) == (n // 8) * 4 and not set(parts[0]) & set(parts[1])

@@ -835,3 +835,15 @@ def test_single_bit_flips_in_a_shard_header_are_one_line_naming_the_shard(fresh_
     for outcome in errors:
         message = outcome["error"]
         assert outcome["shard"] in message and "\n" not in message and "(imgprep verify)" in message, message
+
+
+def test_sizes_are_read_in_decimal_and_binary_units():
+    import click
+
+    from prep.options import ByteSize
+
+    size = ByteSize()
+    assert [size.convert(v, None, None) for v in ("123", "500MB", "1.5GiB", "2tb")] == \
+        [123, 500 * 10**6, int(1.5 * 2**30), 2 * 10**12]
+    with pytest.raises(click.BadParameter, match="is not a size"):
+        size.convert("12 parsecs", None, None)

@@ -19,11 +19,12 @@ import click
 
 from prep import shards_folder
 from prep.errors import escaped, report_errors
-from prep.options import SEED, FolderOrFile
-from train.config import AMP, BACKENDS, CROP_MODES, DEVICES, NORMALIZE, PRESETS, SCHEDULES, default, preset_values
+from prep.options import SEED, ByteSize, FolderOrFile
+from train.config import (AMP, BACKENDS, CROP_MODES, DEVICES, NORMALIZE, PRESETS, SCHEDULES, default, open_run_shards,
+                          preset_values)
 
 # TrainConfig fields a resumed run may change: how long, and how it reads its data.
-RESUMABLE_CHANGES = ("epochs", "workers", "backend", "checkpoint_minutes")
+RESUMABLE_CHANGES = ("epochs", "workers", "backend", "checkpoint_minutes", "cache")  # cache: another node's folder
 
 
 def processes_options(command):
@@ -97,7 +98,7 @@ def shown(name: str, text: str = "") -> str:
 
 
 @main.command()
-@click.argument("shards", required=False, type=FolderOrFile(file_okay=False))
+@click.argument("shards", required=False, type=FolderOrFile(file_okay=False, urls=True))
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="alexnet", show_default=True,
               help="Starting values; options given explicitly override them. alexnet (or paper): the defaults "
                    "below. " + " ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in PRESETS[name].items()) + "."
@@ -154,6 +155,12 @@ def shown(name: str, text: str = "") -> str:
 @click.option("--checkpoint-minutes", type=float,
               help="Also save last.pt mid-epoch this often, so a kill -9 loses at most that much (0: off)."
                    + shown("checkpoint_minutes"))
+@click.option("--cache", type=FolderOrFile(file_okay=False),
+              help="SHARDS at a URL (s3://bucket/prefix): the local folder its shard files are downloaded to, "
+                   "shared by the ranks of a node.  [default: ~/.cache/imgprep]")
+@click.option("--cache-limit", type=ByteSize(),
+              help="SHARDS at a URL: the most the cache may hold (500MB, 100GB, 1TiB). When the shards do not fit, "
+                   "each epoch reads them in shard-window order, a quarter of the cache at a time.  [default: all]")
 @click.option("--accept-changed-shards", is_flag=True,
               help="--resume although the shards' manifest.json is not the one the run started with (it will not "
                    "end with the weights of an uninterrupted run).")
@@ -185,8 +192,8 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, accept_chang
     if resume:
         config = resumed_config(resume, state, given, shards, out).with_(device=device)
         if not accept_changed_shards:
-            check_same_shards(state, config.shards, resume / LAST, "--accept-changed-shards resumes on them anyway, "
-                              "but not to the weights an uninterrupted run would have")
+            check_same_shards(state, open_run_shards(config).root, resume / LAST, "--accept-changed-shards resumes "
+                              "on them anyway, but not to the weights an uninterrupted run would have")
     else:
         values = {**preset_values(preset, given), "device": device}
         # The backend this run uses, written down: a resume must not switch it silently (the two
@@ -195,7 +202,8 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, accept_chang
 
         values.setdefault("backend", "dali" if dali_available() else "torch")
         # Absolute: a resume from another working folder must read the same shards.
-        config = TrainConfig(**values, shards=str(shards_folder(shards).absolute()), out=out)
+        folder = shards_folder(shards)  # a URL stays as it is
+        config = TrainConfig(**values, shards=folder if isinstance(folder, str) else str(folder.absolute()), out=out)
     from train.loop import PREEMPTED_EXIT, worker
 
     with run_folder_lock(config.out):
@@ -257,13 +265,12 @@ def check_run(config, processes: int, resume: bool) -> None:
     from augment.colour import colour_stats
     from augment.sampler import check_batch_fits, per_rank_batch
     from prep.atomic import TMP_MARK
-    from prep.shards import open_shards
     from train.checkpoint import LAST
     from train.models import check_arch, check_input_size
 
     per_rank = per_rank_batch(config.batch_size, processes)
     check_arch(config.arch)
-    shard_set = open_shards(config.shards)
+    shard_set = open_run_shards(config)
     for side in sorted({config.crop, config.res_at(0), config.largest_res()}):
         check_input_size(config.arch, len(shard_set.classes), side)
     if config.crop_mode == "paper" and shard_set.square and config.largest_res() > shard_set.size:
@@ -271,7 +278,7 @@ def check_run(config, processes: int, resume: bool) -> None:
         raise click.ClickException(f"{asked} asks for windows larger than the {shard_set.size} px images of "
                                    f"{config.shards}: a smaller one, or shards made with a larger --size")
     check_batch_fits(len(shard_set.split("train")), per_rank, processes, "train")
-    colour_stats(config.shards, config.augment_spec("train"))
+    colour_stats(shard_set.root, config.augment_spec("train"))
     if config.schedule == "plateau" and not ("val" in shard_set.splits and len(shard_set.split("val"))):
         what = "an empty val split" if "val" in shard_set.splits else "no val split"
         raise click.ClickException(f"{config.shards} has {what}, and --schedule plateau lowers the rate only when "

@@ -47,7 +47,9 @@ class ConfigError(ImgprepError, ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    shards: str = DEFAULT_SHARDS  # shard folder made by `imgprep shard` and `imgprep pca-stats`
+    shards: str = DEFAULT_SHARDS  # shard folder made by `imgprep shard` and `imgprep pca-stats`, or its URL
+    cache: str | None = None  # shards at a URL: the local cache folder (None: ~/.cache/imgprep)
+    cache_limit: int | None = None  # shards at a URL: bytes the cache may hold (None: all of them)
     out: str | None = None  # run folder: last.pt, best.pt, metrics.jsonl, curves.png (None: runs/<arch>)
     arch: str = "alexnet"  # a train.models.MODELS name, package.module:factory, or a torchvision name
     epochs: int = 90  # passes over the training split
@@ -217,3 +219,10 @@ def preset_values(preset: str, given: dict) -> dict:
     if preset in ("resnet50", "resnet18") and "ramp_start" not in given:
         values["ramp_start"], values["ramp_end"] = ffcv_ramp(values["epochs"])
     return values
+
+
+def open_run_shards(config: TrainConfig):
+    """The run's ShardSet: its folder, or its URL through the configured cache."""
+    from prep.shards import open_shards
+
+    return open_shards(config.shards, config.cache, config.cache_limit)

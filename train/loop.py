@@ -39,11 +39,11 @@ from prep.atomic import no_space
 from prep.errors import ImgprepError, escaped
 from prep import shards_folder
 from prep.lifeline import sigterm_as_interrupt
-from prep.shards import manifest_sha256, open_shards
+from prep.shards import manifest_sha256
 from train import dist
 from train.checkpoint import (BEST, LAST, check_same_shards, load_checkpoint, load_for_eval, provenance,
                               restore_rng_states, rng_states, save_checkpoint)
-from train.config import TrainConfig
+from train.config import TrainConfig, open_run_shards
 from train.metrics import append_metrics, plot_curves, read_metrics, rewrite_metrics
 from train.models import arch_from_checkpoint, build_model
 from train.schedule import Schedule
@@ -102,7 +102,7 @@ def make_loaders(config: TrainConfig, context: dist.Context, loaders: contextlib
     The shard folder is opened, and its colour statistics read, once for both."""
     per_rank = per_rank_batch(config.batch_size, context.world_size)
     layout = "NHWC" if config.channels_last else "NCHW"  # NHWC permuted to NCHW is channels-last memory
-    shard_set = open_shards(config.shards)
+    shard_set = open_run_shards(config)
     colour = colour_stats(shard_set.root, config.augment_spec("train" if train else eval_mode))
     common = dict(backend=config.backend, device=context.device.type, rank=context.rank,
                   world_size=context.world_size, seed=config.seed, workers=config.workers, colour=colour)
@@ -174,7 +174,7 @@ def run(config: TrainConfig, resume: bool, context: dist.Context, stop: StopSign
     stop = stop or StopSignals()
     with contextlib.ExitStack() as loaders:
         train_loader, val_loader = make_loaders(config, context, loaders)
-        shards_sha256 = manifest_sha256(config.shards)  # resume compares (train.cli.check_same_shards)
+        shards_sha256 = manifest_sha256(train_loader.shard_set.root)  # resume compares (train.cli.check_same_shards)
         classes = train_loader.shard_set.classes
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model = build_model(config.arch, len(classes), config.zero_init_residual).to(context.device)

@@ -1,0 +1,133 @@
+"""Folders in object storage: ``s3://bucket/prefix`` or any other fsspec URL.
+
+Only this module talks to fsspec. Credentials and endpoints come from where users already set
+them (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL`` for
+S3-compatible stores such as MinIO, Ceph or R2, fsspec's own configuration); nothing here writes
+them anywhere, and every error is one line naming the URL with any secret taken out.
+
+Failures are bounded: S3 requests time out (connect 10 s, read 60 s) and are retried with
+botocore's standard backoff a few times (a dropped connection, a 503), so a missing bucket, a
+refused credential or a wrong endpoint is one line within about a minute, never a loop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+from prep.errors import ImgprepError
+
+URL = re.compile(r"^(?P<protocol>[a-zA-Z][a-zA-Z0-9+.-]*)://")
+S3_OPTIONS = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 60,
+                                "retries": {"max_attempts": 4, "mode": "standard"}}}
+S3FS_RETRIES = 2  # s3fs retries some errors itself, on top of botocore's: bound both
+SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
+
+
+class RemoteError(ImgprepError):
+    """Object storage refused or failed a request (one line naming the URL)."""
+
+
+def is_url(value) -> bool:
+    """A URL of a remote store (``file://`` and plain paths are local)."""
+    match = URL.match(value) if isinstance(value, str) else None  # a Path cannot hold "://"
+    return bool(match) and match["protocol"].lower() != "file"
+
+
+def redacted(text: str) -> str:
+    """``text`` without user:password in URLs nor the values of the credential variables."""
+    text = re.sub(r"://[^/@\s]+@", "://***@", text)
+    for name in SECRETS:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+@contextmanager
+def remote_errors(what: str):
+    """Turn whatever the store's client raises into one RemoteError line: ``what`` names the URL."""
+    try:
+        yield
+    except ImgprepError:
+        raise
+    except FileNotFoundError as error:
+        raise RemoteError(redacted(f"{what}: not found ({error})")) from None
+    except PermissionError as error:
+        raise RemoteError(redacted(f"{what}: permission denied ({error}); check the credentials "
+                                   "(AWS_ACCESS_KEY_ID, AWS_PROFILE) and the bucket's policy")) from None
+    except Exception as error:  # botocore, aiohttp and fsspec each raise their own kinds
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RemoteError(redacted(f"{what}: {type(error).__name__}: {reason}")) from None
+
+
+class Remote:
+    """A folder at ``url``. Cheap to pickle (the URL only): each process makes its own client."""
+
+    def __init__(self, url: str):
+        self.url = str(url).rstrip("/")
+        self._fs = None
+        self._pid = None
+
+    def __getstate__(self):
+        return {"url": self.url, "_fs": None, "_pid": None}
+
+    @property
+    def fs(self):
+        if self._fs is None or self._pid != os.getpid():  # clients hold sockets and threads: not across forks
+            with remote_errors(self.url):
+                import fsspec
+
+                protocol = URL.match(self.url)["protocol"].lower()
+                options = S3_OPTIONS if protocol in ("s3", "s3a") else {}
+                self._fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+                if hasattr(self._fs, "retries"):
+                    self._fs.retries = S3FS_RETRIES
+            self._pid = os.getpid()
+        return self._fs
+
+    def at(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def exists(self, name: str) -> bool:
+        with remote_errors(self.at(name)):
+            return self.fs.exists(self.at(name))
+
+    def size(self, name: str) -> int:
+        with remote_errors(self.at(name)):
+            return int(self.fs.info(self.at(name))["size"])
+
+    def read_bytes(self, name: str) -> bytes:
+        with remote_errors(self.at(name)):
+            return self.fs.cat_file(self.at(name))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """One PUT: readers see the old object or the whole new one, never a part."""
+        with remote_errors(self.at(name)):
+            self.fs.pipe_file(self.at(name), data)
+
+    def download(self, name: str, out, on_bytes=None, block: int = 1 << 22) -> None:
+        """Stream object ``name`` into the open binary file ``out``."""
+        with remote_errors(self.at(name)):
+            with self.fs.open(self.at(name), "rb", block_size=block) as source:
+                while chunk := source.read(block):
+                    out.write(chunk)
+                    if on_bytes:
+                        on_bytes(chunk)
+
+    def upload(self, local: Path, name: str) -> None:
+        """Upload ``local`` whole as ``name`` (S3 shows an object only once its upload completed)."""
+        with remote_errors(self.at(name)):
+            self.fs.put_file(str(local), self.at(name))
+
+    def remove(self, name: str) -> None:
+        with remote_errors(self.at(name)):
+            self.fs.rm_file(self.at(name))
+
+    def check_reachable(self) -> None:
+        """One line now, rather than later, if the bucket is missing, refused or unreachable."""
+        with remote_errors(self.url):
+            bucket = self.url.split("://", 1)[1].split("/", 1)[0]
+            self.fs.ls(f"{URL.match(self.url)[0]}{bucket}", detail=False, refresh=True)

@@ -1,0 +1,310 @@
+"""Shard folders in object storage: a real S3-compatible HTTP server (moto's server mode) on
+127.0.0.1, talked to through s3fs, as users' buckets are. Skipped, saying so, only when the
+``cloud`` extra (s3fs) or moto is not installed; ``make test`` installs both."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import run_cli
+
+s3fs = pytest.importorskip("s3fs", reason="the cloud extra is not installed: pip install -e '.[cloud]'")
+pytest.importorskip("moto", reason="moto is not installed (the test extra has it): pip install -e '.[test]'")
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # a server and loader workers start
+SECRET = "not-a-real-secret-9d1f"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(**env) -> tuple[subprocess.Popen, str]:
+    """moto's S3 server on a free loopback port, once it answers: (process, endpoint)."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, f"http://127.0.0.1:{port}"
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail("moto's S3 server did not start")
+            time.sleep(0.2)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server; the standard variables point every process at it."""
+    server, endpoint = start_server()
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing-key",
+                       "AWS_SECRET_ACCESS_KEY": SECRET})
+    try:
+        yield endpoint
+    finally:
+        stop_server(server)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory, fake_src):
+    """fake_src at 32 px in shards of 4 images: 15 train files, so a cache can hold a quarter."""
+    out = tmp_path_factory.mktemp("small") / "shards"
+    assert run_cli(["shard", str(fake_src), "--out", str(out), "--size", "32", "--shard-size", "4",
+                    "--quiet"]).exit_code == 0
+    assert run_cli(["pca-stats", str(out), "--quiet"]).exit_code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server, small_shards):
+    """small_shards uploaded with s3fs itself (not our code): s3://imgprep-test/shards."""
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("imgprep-test")
+    fs.put(str(small_shards), "imgprep-test/shards", recursive=True)
+    return "s3://imgprep-test/shards"
+
+
+def batches(loader, epoch=0):
+    loader.set_epoch(epoch)
+    return [(images.numpy().copy(), labels.numpy().copy()) for images, labels in loader]
+
+
+def test_a_loader_over_a_bucket_yields_the_local_loaders_batches(bucket, small_shards, tmp_path):
+    from augment import AugmentSpec, Loader
+
+    spec = AugmentSpec(crop=24, lighting=0.0)
+    with Loader(small_shards, batch_size=8, spec=spec, device="cpu", workers=2, seed=3) as local:
+        expected = batches(local, 1)
+    with Loader(bucket, batch_size=8, spec=spec, device="cpu", workers=2, seed=3, cache=tmp_path / "cache") as remote:
+        got = batches(remote, 1)
+        assert remote.window is None  # no limit: every shard fits, fully random order
+    assert len(got) == len(expected) > 0
+    for (images, labels), (want_images, want_labels) in zip(got, expected):
+        np.testing.assert_array_equal(labels, want_labels)
+        np.testing.assert_array_equal(images, want_images)
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.h5"))
+    assert cached == sorted(p.name for p in small_shards.rglob("train/*.h5"))
+
+
+def test_a_cache_of_a_quarter_of_the_data_stays_under_its_limit_in_shard_window_order(bucket, small_shards,
+                                                                                       tmp_path):
+    from augment import AugmentSpec, Loader
+    from prep.cache import ShardCache
+
+    files = sorted((small_shards / "train").glob("*.h5"))
+    limit = sum(f.stat().st_size for f in files) * 3 // 10  # four or five of the 15 files
+    spec = AugmentSpec(crop=24, lighting=0.0)
+    peak, done = [0], threading.Event()
+    watcher = ShardCache(bucket, tmp_path / "cache")
+
+    def watch():
+        while not done.is_set():
+            if watcher.root.exists():
+                peak[0] = max(peak[0], watcher.cached_bytes())
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    try:
+        with Loader(bucket, batch_size=4, spec=spec, device="cpu", workers=2, seed=5, cache=tmp_path / "cache",
+                    cache_limit=limit) as remote:
+            window = remote.window
+            got = batches(remote, 0) + batches(remote, 1)
+    finally:
+        done.set()
+        thread.join()
+    assert window == limit // max(f.stat().st_size for f in files) // 4 >= 1
+    assert 0 < peak[0] <= limit
+    # The same batches as the local folder read in the same order (a window given explicitly).
+    with Loader(small_shards, batch_size=4, spec=spec, device="cpu", workers=2, seed=5, window=window) as local:
+        expected = batches(local, 0) + batches(local, 1)
+    for (images, labels), (want_images, want_labels) in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(labels, want_labels)
+        np.testing.assert_array_equal(images, want_images)
+
+
+def test_a_corrupted_object_is_downloaded_again_once_then_one_line(bucket, small_shards, tmp_path):
+    from prep.cache import CacheError
+    from prep.shards import open_shards
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    victim = "imgprep-test/damaged/train/train-00002.h5"
+    fs.copy("imgprep-test/shards", "imgprep-test/damaged", recursive=True)
+    data = bytearray(fs.cat_file(victim))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(victim, bytes(data))
+    split = open_shards("s3://imgprep-test/damaged", tmp_path / "cache").split("train")
+    with pytest.raises(CacheError, match=f"s3://{victim}: its sha256 is not the manifest's, downloaded 2 times"):
+        split.shard_file(2)
+    assert not [p for p in (tmp_path / "cache").rglob("train-00002.h5*") if not p.name.endswith((".lock", ".use"))]  # nothing of it is kept
+    split.shard_file(1)  # the others are fine
+
+
+def test_missing_buckets_and_unreachable_endpoints_are_one_line_without_secrets(bucket, tmp_path, monkeypatch):
+    result = run_cli(["info", "s3://no-such-bucket/shards"])
+    assert result.exit_code == 1 and "s3://no-such-bucket/shards/manifest.json: not found" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and SECRET not in result.output
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    start = time.monotonic()
+    result = run_cli(["info", bucket])
+    assert result.exit_code == 1 and f"{bucket}/manifest.json" in result.output and SECRET not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert time.monotonic() - start < 60
+
+
+def _fetch_every_file(url, cache, queue):
+    from prep.shards import open_shards
+
+    shard_set = open_shards(url, cache)
+    split = shard_set.split("train")
+    for number in range(len(split.files)):
+        split.shard_file(number)
+    queue.put(shard_set.cache.downloaded)
+
+
+def test_two_ranks_share_one_cache_and_download_each_file_once(bucket, small_shards, tmp_path):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    ranks = [context.Process(target=_fetch_every_file, args=(bucket, tmp_path / "cache", queue)) for _ in range(2)]
+    for rank in ranks:
+        rank.start()
+    downloaded = [queue.get(timeout=120) for _ in ranks]
+    for rank in ranks:
+        rank.join(timeout=30)
+    total = sum(f.stat().st_size for f in (small_shards / "train").glob("*.h5"))
+    assert sum(downloaded) == total  # each file came down once, whichever rank fetched it
+    for local in (small_shards / "train").glob("*.h5"):
+        cached = next((tmp_path / "cache").rglob(f"train/{local.name}"))
+        assert cached.read_bytes() == local.read_bytes()
+
+
+def test_train_runs_on_a_bucket_through_a_bounded_cache_as_on_the_local_folder(bucket, small_shards, tmp_path):
+    from click.testing import CliRunner
+
+    from train.cli import main
+
+    files = sorted((small_shards / "train").glob("*.h5"))
+    limit = sum(f.stat().st_size for f in files) * 3 // 10
+    common = ["--arch", "tiny_models:tiny", "--device", "cpu", "--workers", "1", "--batch-size", "8", "--crop", "24",
+              "--epochs", "1", "--lighting", "0", "--schedule", "step"]
+    runner = CliRunner()
+    remote = runner.invoke(main, ["run", bucket, *common, "--cache", str(tmp_path / "cache"), "--cache-limit",
+                                  str(limit), "--out", str(tmp_path / "remote")], catch_exceptions=False)
+    assert remote.exit_code == 0, remote.output
+    local = runner.invoke(main, ["run", str(small_shards), *common, "--out", str(tmp_path / "local")],
+                          catch_exceptions=False)
+    assert local.exit_code == 0, local.output
+    # Shard-window order is another order than the local run's fully random one: both train, on
+    # the same samples; the remote run's loss is its own. The resume reads the same bucket.
+    lines = [json.loads(line) for line in (tmp_path / "remote" / "metrics.jsonl").read_text().splitlines()]
+    assert lines and all(np.isfinite(line["train_loss"]) for line in lines if "train_loss" in line)
+    again = runner.invoke(main, ["run", "--resume", str(tmp_path / "remote"), "--epochs", "2", "--arch", "tiny_models:tiny"],
+                          catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+
+
+
+def test_shard_to_a_bucket_uploads_the_disk_runs_bytes_and_a_rerun_uploads_only_what_is_missing(
+        s3_server, fake_src, small_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the staging folder is the URL's cache
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("imgprep-out")
+    url = "s3://imgprep-out/run"
+    args = ["shard", str(fake_src), "--out", url, "--size", "32", "--shard-size", "4", "--quiet"]
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    local = {str(p.relative_to(small_shards)): p.read_bytes() for p in small_shards.rglob("*.h5")}
+    remote = {key.split("imgprep-out/run/", 1)[1]: fs.cat_file(key) for key in fs.find("imgprep-out/run")
+              if key.endswith(".h5")}
+    assert remote == local  # byte for byte what the same command writes to disk
+    assert f"uploaded {len(local)} shard files" in result.output
+    # A lost object (and a manifest that is not the last one) is put right; the rest is kept.
+    fs.rm_file("imgprep-out/run/train/train-00003.h5")
+    again = run_cli(args)
+    assert again.exit_code == 0, again.output
+    assert "uploaded 1 shard files" in again.output and f"{len(local) - 1} were there already" in again.output
+    assert fs.cat_file("imgprep-out/run/train/train-00003.h5") == local["train/train-00003.h5"]
+    assert fs.cat_file("imgprep-out/run/manifest.json") == (small_shards / "manifest.json").read_bytes()
+    assert run_cli(["info", url]).exit_code == 0
+
+
+def test_pca_stats_of_a_bucket_are_the_local_folders_and_are_uploaded(bucket, small_shards, tmp_path, monkeypatch):
+    import json as json_
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.copy("imgprep-test/shards", "imgprep-test/nostats", recursive=True)
+    fs.rm_file("imgprep-test/nostats/stats.json")
+    result = run_cli(["pca-stats", "s3://imgprep-test/nostats", "--quiet"])
+    assert result.exit_code == 0, result.output
+    uploaded = json_.loads(fs.cat_file("imgprep-test/nostats/stats.json"))
+    local = json_.loads((small_shards / "stats.json").read_text())
+    assert uploaded["mean"] == local["mean"] and uploaded["cov"] == local["cov"]
+    assert fs.cat_file("imgprep-test/nostats/stats-mean.npy") == (small_shards / "stats-mean.npy").read_bytes()
+
+
+def test_a_server_stopped_mid_epoch_and_refused_credentials_are_one_line(bucket, small_shards, tmp_path, monkeypatch):
+    from augment import AugmentSpec, Loader
+    from prep.errors import ImgprepError
+
+    own, endpoint = start_server()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir("imgprep-stop")
+        fs.put(str(small_shards), "imgprep-stop/shards", recursive=True)
+        files = sorted((small_shards / "train").glob("*.h5"))
+        limit = sum(f.stat().st_size for f in files) * 3 // 10
+        with Loader("s3://imgprep-stop/shards", batch_size=4, spec=AugmentSpec(crop=24, lighting=0.0), device="cpu",
+                    workers=2, cache=tmp_path / "cache", cache_limit=limit) as loader:
+            batches_of = iter(loader)
+            next(batches_of)
+            stop_server(own)
+            start = time.monotonic()
+            with pytest.raises(ImgprepError) as caught:
+                for _ in batches_of:  # the next download fails: the worker's one line reaches us
+                    pass
+        message = str(caught.value)
+        assert "s3://imgprep-stop/shards/train/" in message and "\n" not in message and SECRET not in message
+        assert time.monotonic() - start < 90
+    finally:
+        stop_server(own)
+    # A server that checks credentials refuses ours: one line saying so.
+    strict, endpoint = start_server(INITIAL_NO_AUTH_ACTION_COUNT="0")
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        result = run_cli(["info", "s3://imgprep-test/shards"])
+        assert result.exit_code == 1 and "s3://imgprep-test/shards/manifest.json" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and SECRET not in result.output
+    finally:
+        stop_server(strict)

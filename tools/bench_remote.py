@@ -1,0 +1,107 @@
+"""Benchmark: the Loader reading shards from a bucket through the local cache, against the same
+shards on disk, in one run. The bucket is moto's S3 server on 127.0.0.1 (``pip install
+'moto[server]' s3fs``), so the numbers are the cache's and the client's cost, not a network's.
+
+    python -m tools.bench_remote                  # 1,024 images at 128 px, DALI on the CPU
+
+Rows: local shards; the bucket with a cold cache (every file downloaded, sha256-checked); the
+same with the cache warm; and a cache of a quarter of the data, where training reads in
+shard-window order: bytes downloaded per epoch (all processes) and img/s.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from tools.benchkit import report
+
+
+def imgprep(*args) -> None:
+    subprocess.run([sys.executable, "-m", "prep.cli", *map(str, args)], check=True)
+
+
+def epoch_rate(loader, epoch: int) -> float:
+    loader.set_epoch(epoch)
+    start, n = time.perf_counter(), 0
+    for images, _ in loader:
+        n += len(images)
+    return n / (time.perf_counter() - start)
+
+
+@click.command()
+@click.option("--images", default=1024, show_default=True, help="Training images (8 classes).")
+@click.option("--size", default=128, show_default=True, help="Shard side in pixels.")
+@click.option("--workers", default=2, show_default=True)
+@click.option("--markdown", type=click.Path(path_type=Path), help="Also write the table here.")
+def main(images, size, workers, markdown):
+    import s3fs
+
+    from augment import AugmentSpec, Loader
+    from prep.cache import ShardCache
+    from tools.fake_imagenet import make_fake_imagenet
+
+    work = Path(tempfile.mkdtemp(prefix="imgprep-bench-remote-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                       "AWS_SECRET_ACCESS_KEY": "bench"})
+    try:
+        src = make_fake_imagenet(work / "src", classes=8, train_per_class=images // 8, val_per_class=2,
+                                 awkward=False, large_fraction=0)
+        shards = work / "shards"
+        imgprep("shard", src, "--out", shards, "--size", size, "--shard-size", 32, "--quiet")
+        imgprep("pca-stats", shards, "--quiet")
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir("bench")
+        fs.put(str(shards), "bench/shards", recursive=True)
+        url = "s3://bench/shards"
+        total = sum(p.stat().st_size for p in (shards / "train").glob("*.h5"))
+        spec = AugmentSpec(crop=size * 7 // 8)
+        common = dict(batch_size=64, spec=spec, device="cpu", workers=workers, seed=0)
+        rows = []
+        with Loader(shards, **common) as loader:
+            epoch_rate(loader, 0)  # workers started, page cache warm
+            local = epoch_rate(loader, 1)
+        rows.append(("local shards", local, 0))
+        cache = work / "cache"
+        with Loader(url, cache=cache, **common) as loader:
+            counter = ShardCache(url, cache)
+            cold = epoch_rate(loader, 0)
+            cold_bytes = counter.downloaded_bytes()
+            warm = epoch_rate(loader, 1)
+            rows += [("bucket, cold cache", cold, cold_bytes), ("bucket, warm cache", warm,
+                                                                counter.downloaded_bytes() - cold_bytes)]
+        shutil.rmtree(cache)
+        limit = total // 4
+        with Loader(url, cache=cache, cache_limit=limit, **common) as loader:
+            counter = ShardCache(url, cache)
+            for epoch in range(2):
+                before = counter.downloaded_bytes()
+                rate = epoch_rate(loader, epoch)
+                rows.append((f"bucket, cache 25% (window of {loader.window} shards), epoch {epoch}", rate,
+                             counter.downloaded_bytes() - before))
+        table = [f"{images:,} train images at {size} px, raw, {len(list((shards / 'train').glob('*.h5')))} shard "
+                 f"files, {total / 2**20:.1f} MiB; DALI on the CPU, {workers} workers, batch 64", "",
+                 "| path | img/s | vs local | MiB downloaded in the epoch |", "|---|---|---|---|"]
+        table += [f"| {name} | {rate:,.0f} | {rate / local:.2f} | {got / 2**20:.1f} |" for name, rate, got in rows]
+        report("\n".join(table), markdown)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
