@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from prep.atomic import TMP_MARK
-from prep.errors import ImgprepError
+from prep.errors import PrepError
 from prep.remote import Remote, remote_errors
 
 SMALL_FILES = ("manifest.json", "rejects.jsonl", "stats.json", "stats-mean.npy")  # fetched fresh on each open
@@ -44,7 +44,7 @@ LOCKS = (".lock", ".use")  # FILE.lock: downloading it; FILE.use: shared by ever
 DOWNLOAD_TRIES = 2  # an object whose sha256 is wrong is downloaded once more
 
 
-class CacheError(ImgprepError):
+class CacheError(PrepError):
     """The cache cannot hold what is asked of it."""
 
 
@@ -118,13 +118,14 @@ class ShardCache:
 
     def prepare(self) -> Path:
         """Fetch the manifest (and statistics when present) afresh; return the local folder."""
+        manifest = self.remote.read_bytes("manifest.json")  # before anything is made here for it
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
         for name in SMALL_FILES:
             if name != "manifest.json" and not self.remote.exists(name):
                 (self.root / name).unlink(missing_ok=True)  # gone remotely: not to be used stale
                 continue
-            data = self.remote.read_bytes(name)
+            data = manifest if name == "manifest.json" else self.remote.read_bytes(name)
             tmp = self.root / f"{name}{TMP_MARK}{os.getpid()}"
             tmp.write_bytes(data)
             os.replace(tmp, self.root / name)

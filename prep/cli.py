@@ -302,14 +302,17 @@ def verify(shards):
     """Re-hash every shard of SHARDS against manifest.json and open each with the checked reader
     (its attributes, labels, image table, nothing stored outside it); exit 1 naming each problem.
 
-    SHARDS defaults to $IMGPREP_SHARDS, else ./shards.
+    SHARDS defaults to $IMGPREP_SHARDS, else ./shards. A URL (s3://bucket/prefix) is verified
+    through its local cache: each file is downloaded (once) and checked there.
     """
     from tqdm import tqdm
 
     from prep.errors import ShardFormatError, escaped
     from prep.shards import open_shards, sha256_file, shard_entries
 
-    root = local_folder(shards_folder(shards))
+    root = shards_folder(shards)
+    if isinstance(root, str):
+        return verify_remote(root)
     shard_set = open_shards(root)
     entries = shard_entries(shard_set.manifest)
     present = [e for e in entries if (root / e["file"]).is_file()]
@@ -336,6 +339,33 @@ def verify(shards):
     if problems:
         raise SystemExit(1)
     click.echo(escaped(f"ok: {len(entries)} shards, {human_bytes(total)}, all match {root / 'manifest.json'}"))
+
+
+def verify_remote(url: str) -> None:
+    """``imgprep verify URL``: every shard fetched through the cache (which checks its sha256)
+    and opened with the checked reader; exit 1 naming each problem."""
+    from tqdm import tqdm
+
+    from prep.errors import PrepError, escaped
+    from prep.shards import open_shards, shard_entries
+
+    shard_set = open_shards(url)
+    problems, total = [], 0
+    for split in shard_set.splits:
+        reader = shard_set.split(split)
+        for file_no in tqdm(range(len(reader.files)), desc=f"verify {split}", unit="shard", dynamic_ncols=True):
+            try:
+                reader.shard_file(file_no)
+                total += reader.file_bytes[file_no]
+            except PrepError as error:  # a sha256 mismatch (twice), a failed request, a damaged shard
+                problems.append(f"unreadable: {error}")
+        reader.close()
+    for problem in problems:
+        click.echo(escaped(problem), err=True)
+    if problems:
+        raise SystemExit(1)
+    count = len(shard_entries(shard_set.manifest))
+    click.echo(escaped(f"ok: {count} shards, {human_bytes(total)}, all match {url}/manifest.json"))
 
 
 def human_bytes(n: float) -> str:

@@ -17,7 +17,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from prep.errors import ImgprepError
+from prep.errors import ImgprepError, PrepError
 
 URL = re.compile(r"^(?P<protocol>[a-zA-Z][a-zA-Z0-9+.-]*)://")
 S3_OPTIONS = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 60,
@@ -26,7 +26,7 @@ S3FS_RETRIES = 2  # s3fs retries some errors itself, on top of botocore's: bound
 SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
 
 
-class RemoteError(ImgprepError):
+class RemoteError(PrepError):
     """Object storage refused or failed a request (one line naming the URL)."""
 
 

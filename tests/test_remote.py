@@ -32,6 +32,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def private_cache_home(tmp_path, monkeypatch):
+    """The default cache folder (~/.cache/imgprep) of every command here is the test's own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
 def start_server(**env) -> tuple[subprocess.Popen, str]:
     """moto's S3 server on a free loopback port, once it answers: (process, endpoint)."""
     port = free_port()
@@ -168,6 +174,9 @@ def test_a_corrupted_object_is_downloaded_again_once_then_one_line(bucket, small
         split.shard_file(2)
     assert not [p for p in (tmp_path / "cache").rglob("train-00002.h5*") if not p.name.endswith((".lock", ".use"))]  # nothing of it is kept
     split.shard_file(1)  # the others are fine
+    result = run_cli(["verify", "s3://imgprep-test/damaged"])
+    assert result.exit_code == 1 and f"unreadable: s3://{victim}: its sha256 is not the manifest's" in result.output
+    assert run_cli(["verify", "s3://imgprep-test/shards"]).exit_code == 0
 
 
 def test_missing_buckets_and_unreachable_endpoints_are_one_line_without_secrets(bucket, tmp_path, monkeypatch):
@@ -236,7 +245,6 @@ def test_train_runs_on_a_bucket_through_a_bounded_cache_as_on_the_local_folder(b
 
 def test_shard_to_a_bucket_uploads_the_disk_runs_bytes_and_a_rerun_uploads_only_what_is_missing(
         s3_server, fake_src, small_shards, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the staging folder is the URL's cache
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.mkdir("imgprep-out")
     url = "s3://imgprep-out/run"
@@ -261,7 +269,6 @@ def test_shard_to_a_bucket_uploads_the_disk_runs_bytes_and_a_rerun_uploads_only_
 def test_pca_stats_of_a_bucket_are_the_local_folders_and_are_uploaded(bucket, small_shards, tmp_path, monkeypatch):
     import json as json_
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.copy("imgprep-test/shards", "imgprep-test/nostats", recursive=True)
     fs.rm_file("imgprep-test/nostats/stats.json")
