@@ -307,7 +307,7 @@ def verify(shards):
     """
     from tqdm import tqdm
 
-    from prep.errors import ShardFormatError, escaped
+    from prep.errors import ShardFormatError
     from prep.shards import open_shards, sha256_file, shard_entries
 
     root = shards_folder(shards)
@@ -334,11 +334,7 @@ def verify(shards):
                 except ShardFormatError as error:
                     problems.append(f"unreadable: {error}")
             reader.close()
-    for problem in problems:
-        click.echo(escaped(problem), err=True)
-    if problems:
-        raise SystemExit(1)
-    click.echo(escaped(f"ok: {len(entries)} shards, {human_bytes(total)}, all match {root / 'manifest.json'}"))
+    verdict(problems, f"ok: {len(entries)} shards, {human_bytes(total)}, all match {root / 'manifest.json'}")
 
 
 def verify_remote(url: str) -> None:
@@ -346,7 +342,7 @@ def verify_remote(url: str) -> None:
     and opened with the checked reader; exit 1 naming each problem."""
     from tqdm import tqdm
 
-    from prep.errors import PrepError, escaped
+    from prep.errors import PrepError
     from prep.shards import open_shards, shard_entries
 
     shard_set = open_shards(url)
@@ -360,12 +356,19 @@ def verify_remote(url: str) -> None:
             except PrepError as error:  # a sha256 mismatch (twice), a failed request, a damaged shard
                 problems.append(f"unreadable: {error}")
         reader.close()
+    count = len(shard_entries(shard_set.manifest))
+    verdict(problems, f"ok: {count} shards, {human_bytes(total)}, all match {url}/manifest.json")
+
+
+def verdict(problems: list[str], ok: str) -> None:
+    """verify's ending: each problem on stderr and exit 1, or the ``ok`` line."""
+    from prep.errors import escaped
+
     for problem in problems:
         click.echo(escaped(problem), err=True)
     if problems:
         raise SystemExit(1)
-    count = len(shard_entries(shard_set.manifest))
-    click.echo(escaped(f"ok: {count} shards, {human_bytes(total)}, all match {url}/manifest.json"))
+    click.echo(escaped(ok))
 
 
 def human_bytes(n: float) -> str:
