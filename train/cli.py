@@ -295,7 +295,7 @@ def check_run(config, processes: int, resume: bool) -> None:
 @main.command("eval")
 @click.argument("checkpoint", type=FolderOrFile(exists=True, dir_okay=False, path_type=Path))
 @click.option("--ten-crop", is_flag=True, help="Average the softmax of the paper's 10 crops (else the centre crop).")
-@click.option("--shards", type=FolderOrFile(file_okay=False),
+@click.option("--shards", type=FolderOrFile(file_okay=False, urls=True),
               help="Shard folder.  [default: the run's own; for a weights-only file $IMGPREP_SHARDS, else ./shards]")
 @click.option("--batch-size", default=128, show_default=True, help="Images per step over all processes.")
 @click.option("--workers", default=4, show_default=True, help="Loader workers per process.")

@@ -440,7 +440,8 @@ def evaluate_on_val(path, shards, ten_crop: bool, batch_size: int, device: str, 
         config = TrainConfig.from_dict(state["config"], path).with_(shards=shards or state["config"]["shards"], **run)
         config = config.with_(arch=arch_from_checkpoint(config.arch, arch, path))
         if not shards:  # the run's own shards: they must still be the ones it read
-            check_same_shards(state, config.shards, path, "name them with --shards to evaluate on them anyway")
+            check_same_shards(state, open_run_shards(config).root, path,
+                              "name them with --shards to evaluate on them anyway")
         config = config.with_(normalize=normalize) if normalize else config
     elif arch is None:
         raise TrainingError(f"{path} holds weights only, without the run that made them: name the network with "
