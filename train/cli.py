@@ -314,7 +314,7 @@ def evaluate(checkpoint, ten_crop, shards, batch_size, workers, backend, arch, n
     state_dict such as torchvision's model files, with --arch naming the network. Those are
     taken to be over the shards' classes in index order (ImageNet's sorted wnids, as
     torchvision's) and to expect torchvision's input normalisation."""
-    from train.loop import evaluate_checkpoint
+    from train.evaluation import evaluate_checkpoint
 
     from augment.sampler import per_rank_batch
 
