@@ -321,3 +321,21 @@ def test_a_server_stopped_mid_epoch_and_refused_credentials_are_one_line(bucket,
         assert len(result.output.strip().splitlines()) == 1 and SECRET not in result.output
     finally:
         stop_server(strict)
+
+
+def test_a_killed_downloads_leftover_is_removed_and_never_counts_as_cached(bucket, tmp_path):
+    from prep.cache import ShardCache
+
+    cache = ShardCache(bucket, tmp_path / "cache")
+    root = cache.prepare()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid names a process that no longer exists, as a kill -9 leaves it
+    leftover = root / "train" / f"train-00000.h5.tmp-{gone.pid}"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"\0" * 100_000)
+    mine = root / "train" / f"train-00001.h5.tmp-{os.getpid()}"  # a download of a living process stays
+    mine.write_bytes(b"\0" * 10)
+    assert cache.cached_bytes() == 100_010  # reserved bytes count against the limit ...
+    ShardCache(bucket, tmp_path / "cache").prepare()
+    assert not leftover.exists() and mine.exists()  # ... until their process is known to be gone
+    assert not (root / "train" / "train-00000.h5").exists()
