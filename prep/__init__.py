@@ -23,10 +23,9 @@ def shards_folder(given=None):
         refuse_an_empty_shards_variable()
         given = os.environ.get(SHARDS_ENV, DEFAULT_SHARDS)
     if isinstance(given, str) and "://" in given:
-        from prep.remote import is_url
+        from prep.remote import as_url
 
-        if is_url(given):
-            return given.rstrip("/")
+        return as_url(given) or Path(given)
     return Path(given)
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from prep.atomic import TMP_MARK
 from prep.errors import PrepError
-from prep.remote import Remote, remote_errors
+from prep.remote import Remote
 
 SMALL_FILES = ("manifest.json", "rejects.jsonl", "stats.json", "stats-mean.npy")  # fetched fresh on each open
 ROOM_WAIT_S = 120  # how long a download waits for files in use to be released
@@ -122,10 +122,10 @@ class ShardCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
         for name in SMALL_FILES:
-            if name != "manifest.json" and not self.remote.exists(name):
+            data = manifest if name == "manifest.json" else self.remote.read_optional(name)
+            if data is None:
                 (self.root / name).unlink(missing_ok=True)  # gone remotely: not to be used stale
                 continue
-            data = manifest if name == "manifest.json" else self.remote.read_bytes(name)
             tmp = self.root / f"{name}{TMP_MARK}{os.getpid()}"
             tmp.write_bytes(data)
             os.replace(tmp, self.root / name)
@@ -144,9 +144,7 @@ class ShardCache:
             return {f: self.known_sizes[f] for f in files}
         found = self.known_sizes
         for folder in sorted({str(Path(f).parent) for f in files}):
-            with remote_errors(self.remote.at(folder)):
-                for entry in self.remote.fs.ls(self.remote.at(folder), detail=True, refresh=True):
-                    found[f"{folder}/{Path(entry['name']).name}"] = int(entry["size"])
+            found.update(self.remote.listing(folder))
         missing = [f for f in files if f not in found]
         if missing:
             raise CacheError(f"{self.remote.at(missing[0])}: not found in the bucket (the manifest names it)")

@@ -231,17 +231,19 @@ def info(shards):
     from prep.errors import PrepError, escaped
     from prep.shards import read_manifest, read_rejects
 
-    root = shown = shards_folder(shards)
+    root = where = shards_folder(shards)
     sizes = None
     if isinstance(root, str):  # a URL: its manifest, rejects and stats are fetched into the cache
         from prep.cache import ShardCache
-        from prep.shards import shard_entries
 
         cache = ShardCache(root)
         root = cache.prepare()
-        sizes = cache.sizes([e["file"] for e in shard_entries(read_manifest(root))])
     manifest = read_manifest(root)  # every name in it may come from a file: each printed escaped
-    click.echo(escaped(f"{shown}  ({manifest['format']} v{manifest['version']}, made by {manifest.get('tool', '?')})"))
+    if isinstance(where, str):
+        from prep.shards import shard_entries
+
+        sizes = cache.sizes([e["file"] for e in shard_entries(manifest)])
+    click.echo(escaped(f"{where}  ({manifest['format']} v{manifest['version']}, made by {manifest.get('tool', '?')})"))
     click.echo(escaped(f"source   {manifest.get('source', '?')}"))
     click.echo(escaped("options  " + " ".join(f"{k}={v}" for k, v in manifest["options"].items())))
     classes = manifest["classes"]
@@ -276,7 +278,7 @@ def local_folder(root):
 
         command = click.get_current_context().info_name
         raise PrepError(f"imgprep {command} works on a folder on disk, not {root}: run it before uploading the "
-                        "shards (train run and imgprep info read buckets)")
+                        "shards (train run, imgprep info, verify and pca-stats read buckets)")
     return root
 
 

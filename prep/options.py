@@ -18,10 +18,10 @@ class FolderOrFile(click.Path):
         if isinstance(value, str) and not value.strip():
             self.fail("is empty: name a folder or file (an empty path would be the current folder)", param, ctx)
         if self.urls and isinstance(value, str) and "://" in value:
-            from prep.remote import is_url
+            from prep.remote import as_url
 
-            if is_url(value):
-                return value.rstrip("/")
+            if url := as_url(value):
+                return url
         return super().convert(value, param, ctx)
 
 

@@ -36,6 +36,11 @@ def is_url(value) -> bool:
     return bool(match) and match["protocol"].lower() != "file"
 
 
+def as_url(value) -> str | None:
+    """``value`` as a folder URL without a trailing slash, or None for a local path."""
+    return value.rstrip("/") if is_url(value) else None
+
+
 def redacted(text: str) -> str:
     """``text`` without user:password in URLs nor the values of the credential variables."""
     text = re.sub(r"://[^/@\s]+@", "://***@", text)
@@ -95,13 +100,25 @@ class Remote:
         with remote_errors(self.at(name)):
             return self.fs.exists(self.at(name))
 
-    def size(self, name: str) -> int:
-        with remote_errors(self.at(name)):
-            return int(self.fs.info(self.at(name))["size"])
-
     def read_bytes(self, name: str) -> bytes:
         with remote_errors(self.at(name)):
             return self.fs.cat_file(self.at(name))
+
+    def read_optional(self, name: str) -> bytes | None:
+        """Object ``name``'s bytes, or None when there is none (one request either way)."""
+        with remote_errors(self.at(name)):
+            try:
+                return self.fs.cat_file(self.at(name))
+            except FileNotFoundError:
+                return None
+
+    def listing(self, folder: str = "") -> dict[str, int]:
+        """Bytes of every object under ``folder``, by name relative to this folder (one listing)."""
+        where = self.at(folder) if folder else self.url
+        with remote_errors(where):
+            found = self.fs.find(where, detail=True, withdirs=False)
+        bare = self.url.split("://", 1)[1] + "/"
+        return {name.split(bare, 1)[-1]: int(entry["size"]) for name, entry in found.items()}
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """One PUT: readers see the old object or the whole new one, never a part."""

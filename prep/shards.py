@@ -301,9 +301,11 @@ class SplitReader:
     def shard_file(self, file_no: int) -> "ShardFile":
         if os.getpid() != self._pid:  # a forked child must not share HDF5 handles
             self._open, self._pid = {}, os.getpid()
-        if file_no in self._open:
-            self._open[file_no] = self._open.pop(file_no)  # the most recently used is last
-            return self._open[file_no]
+        shard = self._open.get(file_no)
+        if shard is not None:
+            if self.max_open < len(self.files):  # a bounded cache: the most recently used is last
+                self._open[file_no] = self._open.pop(file_no)
+            return shard
         while len(self._open) >= self.max_open:  # a cached folder: leave room for the next files
             self._open.pop(next(iter(self._open))).close()
         held = None
@@ -336,8 +338,7 @@ class SplitReader:
         """``read(shard file, its local indices)`` for each file ``indices`` touch, put back in order."""
         file_nos, locals_ = self.locate_many(indices)
         out: list = [None] * len(file_nos)
-        for file_no in np.unique(file_nos).tolist():
-            where = np.flatnonzero(file_nos == file_no)
+        for file_no, where in file_groups(file_nos):
             for position, value in zip(where.tolist(), read(self.shard_file(file_no), locals_[where])):
                 out[position] = value
         return out
@@ -384,8 +385,14 @@ class SplitReader:
     def labels_of(self, indices) -> np.ndarray:
         """Labels (int64) of ``indices``, from the shard files that hold them (a worker reading
         their images has them open already), without reading every file's labels."""
-        parts = self._by_file(indices, lambda shard, locals_: shard.labels[locals_].tolist())
-        return np.array(parts, dtype=np.int64).reshape(-1)
+        file_nos, locals_ = self.locate_many(indices)
+        if self.max_open >= len(self.files):  # every file stays open: a lookup a sample is cheapest
+            pairs = zip(file_nos.tolist(), locals_.tolist())  # (2x faster than by file at ~1 sample a file)
+            return np.fromiter((self.shard_file(f).labels[i] for f, i in pairs), dtype=np.int64, count=len(file_nos))
+        labels = np.empty(len(file_nos), dtype=np.int64)
+        for file_no, where in file_groups(file_nos):  # file by file: a bounded cache keeps few open
+            labels[where] = self.shard_file(file_no).labels[locals_[where]]
+        return labels
 
     def close(self) -> None:
         for shard in self._open.values():
@@ -476,9 +483,19 @@ class ShardFile:
         if self.h5 is not None:
             self.h5.close()
             self.h5 = None
-        if getattr(self, "held", None) is not None:  # a cached file: it may be evicted now
+        if self.held is not None:  # a cached file: it may be evicted now
             self.held.close()
             self.held = None
+
+
+def file_groups(file_nos: np.ndarray):
+    """(file number, positions in ``file_nos`` holding it) for each file, in file order: one sort,
+    not one comparison of the whole batch per file (a batch of ImageNet touches ~100 files)."""
+    order = np.argsort(file_nos, kind="stable")
+    ordered = file_nos[order]
+    cuts = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+    for start, end in zip([0, *cuts.tolist()], [*cuts.tolist(), len(order)]):
+        yield int(ordered[start]), order[start:end]
 
 
 def cache_window(file_bytes: list[int], limit: int | None) -> int | None:

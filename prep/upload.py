@@ -31,10 +31,9 @@ class Uploaded:
 
 def uploaded_journal(remote: Remote) -> dict[str, str]:
     """The bucket's record of uploaded files; anything unreadable counts as nothing uploaded."""
-    if not remote.exists(JOURNAL):
-        return {}
+    data = remote.read_optional(JOURNAL)
     try:
-        journal = json.loads(remote.read_bytes(JOURNAL))
+        journal = json.loads(data) if data is not None else {}
     except ValueError:
         return {}
     ok = isinstance(journal, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in journal.items())
@@ -49,11 +48,12 @@ def upload_shards(local: Path, url: str, progress: bool = True) -> Uploaded:
     manifest = read_manifest(local)
     journal = uploaded_journal(remote)
     entries = shard_entries(manifest)
-    todo = [e for e in entries if journal.get(e["file"]) != e["sha256"] or not remote.exists(e["file"])]
-    same_manifest = remote.exists(MANIFEST) and remote.read_bytes(MANIFEST) == (local / MANIFEST).read_bytes()
+    held = remote.listing()  # one listing, not a request a shard
+    todo = [e for e in entries if journal.get(e["file"]) != e["sha256"] or e["file"] not in held]
+    same_manifest = MANIFEST in held and remote.read_bytes(MANIFEST) == (local / MANIFEST).read_bytes()
     if not todo and same_manifest:
         return Uploaded(0, len(entries), 0)
-    if remote.exists(MANIFEST):
+    if MANIFEST in held:
         remote.remove(MANIFEST)  # the folder is incomplete until the new manifest lands
     sent = 0
     for entry in tqdm(todo, desc="upload", unit="shard", disable=not progress):

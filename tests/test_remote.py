@@ -207,9 +207,13 @@ def test_two_ranks_share_one_cache_and_download_each_file_once(bucket, small_sha
     ranks = [context.Process(target=_fetch_every_file, args=(bucket, tmp_path / "cache", queue)) for _ in range(2)]
     for rank in ranks:
         rank.start()
-    downloaded = [queue.get(timeout=120) for _ in ranks]
-    for rank in ranks:
-        rank.join(timeout=30)
+    try:
+        downloaded = [queue.get(timeout=120) for _ in ranks]
+    finally:
+        for rank in ranks:
+            rank.join(timeout=30)
+            if rank.is_alive():  # a hung rank must not outlive the test
+                rank.kill()
     total = sum(f.stat().st_size for f in (small_shards / "train").glob("*.h5"))
     assert sum(downloaded) == total  # each file came down once, whichever rank fetched it
     for local in (small_shards / "train").glob("*.h5"):
