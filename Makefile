@@ -33,7 +33,7 @@ $(VENV)/.ready: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet '$(TORCH)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --quiet -e '.[test,ray,cloud]'
+	$(BIN)/python -m pip install --quiet -e '.[test,ray,cloud,tensorboard,wandb]'
 	touch $@
 
 clean:

@@ -178,7 +178,7 @@ def test_existing_run_and_resume_changes_are_refused(stats_shards, tmp_path):
     result = invoke("run", stats_shards, "--arch", "tiny_models:tiny", *FAST, "--out", out)
     assert result.exit_code == 1 and f"already holds a run: continue it with --resume {out}" in result.output
     result = invoke("run", "--resume", out, *TINY, "--device", "cpu", "--lr", "0.5")
-    assert result.exit_code == 1 and "only --epochs, --workers, --backend, --checkpoint-minutes, --cache may change (not lr)" in result.output
+    assert result.exit_code == 1 and "only --epochs, --workers, --backend, --checkpoint-minutes, --cache, --log may change (not lr)" in result.output
 
 
 # ----------------------------------------------------------------------------- the recipe, stated once

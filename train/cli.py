@@ -22,9 +22,11 @@ from prep.errors import escaped, report_errors
 from prep.options import SEED, ByteSize, FolderOrFile
 from train.config import (AMP, BACKENDS, CROP_MODES, DEVICES, NORMALIZE, PRESETS, SCHEDULES, default, open_run_shards,
                           preset_values)
+from train.runlog import LOGGERS
 
-# TrainConfig fields a resumed run may change: how long, and how it reads its data.
-RESUMABLE_CHANGES = ("epochs", "workers", "backend", "checkpoint_minutes", "cache")  # cache: another node's folder
+# TrainConfig fields a resumed run may change: how long, how it reads its data (cache: another
+# node's folder), where it logs.
+RESUMABLE_CHANGES = ("epochs", "workers", "backend", "checkpoint_minutes", "cache", "log")
 
 
 def processes_options(command):
@@ -161,6 +163,10 @@ def shown(name: str, text: str = "") -> str:
 @click.option("--cache-limit", type=ByteSize(),
               help="SHARDS at a URL: the most the cache may hold (500MB, 100GB, 1TiB). When the shards do not fit, "
                    "each epoch reads them in shard-window order, a quarter of the cache at a time.  [default: all]")
+@click.option("--log", "log", type=click.Choice(list(LOGGERS)), multiple=True,
+              help="Also log to TensorBoard (event files in OUT/tensorboard) or Weights & Biases (files in OUT/wandb; "
+                   "WANDB_MODE=offline keeps them there); for both, give it twice. Needs pip install 'imgprep[NAME]'.  "
+                   "[default: metrics.jsonl and curves.png only]")
 @click.option("--accept-changed-shards", is_flag=True,
               help="--resume although the shards' manifest.json is not the one the run started with (it will not "
                    "end with the weights of an uninterrupted run).")
@@ -184,7 +190,7 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, accept_chang
     if resume and not (gpus or nproc):  # as many processes as the run had, unless told otherwise
         nproc, gpus = resumed_processes(state, device)
     device, processes = resolve_processes(device, gpus, nproc)
-    given = {k: v for k, v in options.items() if v is not None}
+    given = {k: v for k, v in options.items() if v is not None and v != ()}  # () : --log not given
     given.update(pair_option(given.pop("res", None), "--res", ("min_res", "max_res")))
     given.update(pair_option(given.pop("res_ramp", None), "--res-ramp", ("ramp_start", "ramp_end")))
     if compile_ is not None:
@@ -267,9 +273,11 @@ def check_run(config, processes: int, resume: bool) -> None:
     from prep.atomic import TMP_MARK
     from train.checkpoint import LAST
     from train.models import check_arch, check_input_size
+    from train.runlog import check_loggers
 
     per_rank = per_rank_batch(config.batch_size, processes)
     check_arch(config.arch)
+    check_loggers(config.log)
     shard_set = open_run_shards(config)
     for side in sorted({config.crop, config.res_at(0), config.largest_res()}):
         check_input_size(config.arch, len(shard_set.classes), side)

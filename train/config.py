@@ -34,6 +34,7 @@ from dataclasses import MISSING, asdict, dataclass, fields, replace
 from augment.spec import BACKENDS, CROP_MODES, NORMALIZE, AugmentSpec
 from prep import DEFAULT_SHARDS
 from prep.errors import ImgprepError
+from train.runlog import LOGGERS
 
 SCHEDULES = ("plateau", "step", "cosine", "cyclic")
 AMP = ("bf16", "fp16", "off")
@@ -82,6 +83,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     seed: int = 0  # seed of order, augmentation, initialisation and dropout
     log_every: int = 10  # steps between loss checks (and stop checks) and progress-bar updates
+    log: tuple = ()  # loggers besides metrics.jsonl and curves.png: train.runlog.LOGGERS names
     checkpoint_minutes: float = 0.0  # also save last.pt mid-epoch this often (0: only after each epoch)
 
     def __post_init__(self):
@@ -89,6 +91,10 @@ class TrainConfig:
             paper_input = (self.arch == "alexnet" and self.crop_mode == "paper" and self.val_resize is None
                            and self.min_res is None)
             object.__setattr__(self, "normalize", "mean-image" if paper_input else "channel")
+        object.__setattr__(self, "log", tuple(dict.fromkeys(self.log)))  # a checkpoint's list; each once
+        unknown = [name for name in self.log if name not in LOGGERS]
+        if unknown:
+            raise ConfigError(f"log takes {', '.join(LOGGERS)}, got {', '.join(map(repr, unknown))}")
         if self.out is None:
             object.__setattr__(self, "out", "runs/" + self.arch.replace(":", "-").replace(".", "-"))
         for name, value, allowed in (("schedule", self.schedule, SCHEDULES), ("crop_mode", self.crop_mode, CROP_MODES),

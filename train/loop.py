@@ -6,8 +6,8 @@
 
 Each epoch: train on this rank's part of the permutation (``augment.Loader``), evaluate this
 rank's part of the validation split, sum the counts over ranks, update the learning rate,
-and on rank 0 log a line, append metrics.jsonl, redraw curves.png and save last.pt (and
-best.pt when validation top-1 improves), atomically.
+and on rank 0 save last.pt (and best.pt when validation top-1 improves), atomically, then
+tell the run log (train/runlog.py: the epoch line, metrics.jsonl, curves.png, the loggers).
 
 Stopping from outside: SIGTERM or SIGUSR1 (what SLURM and Kubernetes send before a kill) asks
 for a stop. The ranks agree on it at the next check (every ``log_every`` steps, and at the end
@@ -35,15 +35,14 @@ import torch.nn.functional as F
 from augment import Loader
 from augment.colour import colour_stats
 from augment.sampler import per_rank_batch
-from prep.atomic import no_space
 from prep.errors import ImgprepError, escaped
 from prep.shards import manifest_sha256
 from train import dist
 from train.checkpoint import (BEST, LAST, load_checkpoint, provenance, restore_rng_states, rng_states,
                               save_checkpoint)
 from train.config import TrainConfig, open_run_shards
-from train.metrics import append_metrics, plot_curves, read_metrics, rewrite_metrics
 from train.models import build_model
+from train.runlog import RunLog
 from train.schedule import Schedule
 
 PREEMPTED_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped on request, checkpoint saved, resume to continue
@@ -188,6 +187,8 @@ def run(config: TrainConfig, resume: bool, context: dist.Context, stop: StopSign
                           train_loader, classes, provenance() if context.main else None, shards_sha256=shards_sha256)
         torch.manual_seed(config.seed * 1_000_003 + context.rank + 1)  # dropout: each rank its own stream
         partial = restore(trainee, out, context) if resume else None
+        runlog = loaders.enter_context(RunLog(config, out, context.main, trainee.origin))
+        runlog.open(trainee.step if resume else None, trainee.finished_epoch, trainee.finished_metrics)
         net = model
         if context.world_size > 1:
             net = torch.nn.parallel.DistributedDataParallel(
@@ -200,7 +201,7 @@ def run(config: TrainConfig, resume: bool, context: dist.Context, stop: StopSign
         start_epoch = partial["epoch"] if partial else trainee.finished_epoch + 1
         if context.main:
             print_summary(config, context, model, train_loader, val_loader, start_epoch, partial)
-        saver = Saver(trainee, config, context, out)
+        saver = Saver(trainee, config, context, out, runlog)
         result = trainee.finished_metrics or {}
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
@@ -224,8 +225,7 @@ def run(config: TrainConfig, resume: bool, context: dist.Context, stop: StopSign
             improved, trainee.best = score > trainee.best, max(trainee.best, score)
             trainee.finished_epoch, trainee.finished_metrics = epoch, metrics
             saver.save_epoch(improved)
-            if context.main:
-                print(epoch_line(metrics, config), flush=True)
+            runlog.epoch(metrics)
             result = metrics
             if dist.sum_all([stop.received is not None], context)[0] and epoch + 1 < config.epochs:
                 return saver.preempted(stop, mid_epoch=False)
@@ -255,19 +255,16 @@ def restore(trainee: Trainee, out: Path, context) -> dict | None:
     trainee.finished_epoch, trainee.step, trainee.best = state["epoch"], state["step"], state["best_top1"]
     trainee.finished_metrics = state["metrics"]
     restore_rng_states(state["rng"][context.rank])
-    if context.main:  # metrics.jsonl may hold epochs the checkpoint does not (a kill in between)
-        kept = [r for r in read_metrics(out) if r["epoch"] < state["epoch"]]
-        rewrite_metrics(out, kept + ([state["metrics"]] if state["metrics"] else []))
     partial = state.get("partial")
     return {**partial, "seed": trainee.train_loader.seed, "world_size": context.world_size} if partial else None
 
 
 class Saver:
     """Rank 0 writes; every rank takes part (the checkpoint gathers every rank's RNG state).
-    Also keeps the clock of --checkpoint-minutes."""
+    Also keeps the clock of --checkpoint-minutes and holds the run log for the steps."""
 
-    def __init__(self, trainee: Trainee, config: TrainConfig, context, out: Path):
-        self.trainee, self.config, self.context, self.out = trainee, config, context, out
+    def __init__(self, trainee: Trainee, config: TrainConfig, context, out: Path, runlog: RunLog):
+        self.trainee, self.config, self.context, self.out, self.runlog = trainee, config, context, out, runlog
         self.last_save = time.monotonic()
 
     def due(self) -> bool:
@@ -281,14 +278,6 @@ class Saver:
             save_checkpoint(self.out / LAST, state)
             if improved:
                 save_checkpoint(self.out / BEST, state)
-            try:
-                append_metrics(self.out, state["metrics"])
-                plot_curves(self.out)
-            except OSError as error:
-                if no_space(error):
-                    raise TrainingError(f"no space left on {self.out} for metrics.jsonl and curves.png; last.pt is "
-                                        "saved: free space, then train run --resume") from None
-                raise
         self.last_save = time.monotonic()
 
     def save_mid_epoch(self, epoch: int, loss: float, count: int) -> None:
@@ -314,14 +303,10 @@ def train_epoch(net, trainee: Trainee, config, context, epoch: int, carried: tup
     """This rank's training samples of ``epoch`` (from the loader's position on); returns (mean
     loss over all ranks, stopped mid-epoch?). ``carried``: (loss sum, steps) of this rank
     before the loader's position, when resuming mid-epoch."""
-    from tqdm import tqdm
-
-    loader = trainee.train_loader
+    loader, runlog = trainee.train_loader, saver.runlog
     net.train()
     total, count = torch.tensor(carried[0], device=context.device), carried[1]
-    bar = tqdm(total=len(loader), initial=loader.position, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
-               disable=None if context.main else True,  # None: only on a terminal; logs get the epoch lines
-               dynamic_ncols=True, leave=False)
+    runlog.start_epoch(epoch, len(loader), loader.position)
     window_start, window_images = time.perf_counter(), 0
     for images, labels in loader:
         trainee.schedule.before_step(trainee.step)
@@ -333,16 +318,16 @@ def train_epoch(net, trainee: Trainee, config, context, epoch: int, carried: tup
         if count % config.log_every == 0 or loader.position == len(loader):
             current, stopping, saving = check_step(loss, config, context, epoch, trainee.step, stop, saver)
             rate = window_images / (time.perf_counter() - window_start)
-            bar.set_postfix(loss=f"{current:.4f}", lr=f"{trainee.schedule.lr:.2e}", img_s=f"{rate:,.0f}")
+            runlog.step(trainee.step, current, trainee.schedule.lr, rate, loader.res)
             window_start, window_images = time.perf_counter(), 0
             # On the epoch's last step the epoch is finished instead: run() stops after it.
             if (stopping or saving) and loader.position < len(loader):
                 saver.save_mid_epoch(epoch, float(total), count)
                 if stopping:
-                    bar.close()
+                    runlog.close_bar()
                     return float("nan"), True
-        bar.update(1)
-    bar.close()
+        runlog.advance()
+    runlog.close_bar()
     loss_sum, steps = dist.sum_all([float(total), count], context)
     return loss_sum / max(steps, 1), False
 
@@ -390,13 +375,6 @@ def evaluate(model, loader, config: TrainConfig, context) -> dict:
             count += len(labels)
     correct1, correct5, loss_sum, count = dist.sum_all([correct1, correct5, loss_sum, count], context)
     return {"top1": correct1 / count, "top5": correct5 / count, "loss": loss_sum / count, "count": int(count)}
-
-
-def epoch_line(metrics: dict, config: TrainConfig) -> str:
-    line = f"epoch {metrics['epoch'] + 1}/{config.epochs}  train loss {metrics['train_loss']:.4f}"
-    if "val_top1" in metrics:
-        line += f"  val top-1 {100 * metrics['val_top1']:.2f}%  top-5 {100 * metrics['val_top5']:.2f}%"
-    return line + f"  lr {metrics['lr']:.2e}  res {metrics.get('res', config.crop)}  {metrics['seconds']:.0f} s"
 
 
 def print_summary(config, context, model, train_loader, val_loader, start_epoch, partial) -> None:
