@@ -100,6 +100,12 @@ class Remote:
         with remote_errors(self.at(name)):
             return self.fs.exists(self.at(name))
 
+    def stamp(self, name: str) -> str:
+        """What changes when object ``name`` is replaced: its size and ETag (or time, elsewhere)."""
+        with remote_errors(self.at(name)):
+            info = self.fs.info(self.at(name))
+        return f"{info.get('size')}:{info.get('ETag') or info.get('mtime') or info.get('LastModified')}"
+
     def read_bytes(self, name: str) -> bytes:
         with remote_errors(self.at(name)):
             return self.fs.cat_file(self.at(name))

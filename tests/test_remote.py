@@ -340,3 +340,60 @@ def test_a_killed_downloads_leftover_is_removed_and_never_counts_as_cached(bucke
     ShardCache(bucket, tmp_path / "cache").prepare()
     assert not leftover.exists() and mine.exists()  # ... until their process is known to be gone
     assert not (root / "train" / "train-00000.h5").exists()
+
+
+def test_a_run_at_a_url_is_uploaded_preempted_and_resumed_from_the_bucket_alone(bucket, small_shards, tmp_path):
+    """--out s3://: the bucket holds what the run folder holds after each save; SIGTERM stops
+    the run (exit 75); --resume URL on a node with an empty cache ends with the weights of an
+    uninterrupted run."""
+    import signal
+
+    import torch
+
+    from helpers import assert_group_ends, run_command
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("imgprep-runs")
+    url = "s3://imgprep-runs/tiny"
+    common = ["--arch", "tiny_models:tiny_dropout", "--device", "cpu", "--workers", "1", "--batch-size", "8",
+              "--crop", "24", "--epochs", "4", "--lighting", "0"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    train = [sys.executable, "-m", "train", "run"]
+    whole, _ = run_command([*train, str(small_shards), *common, "--out", str(tmp_path / "whole")], env=env)
+    assert whole.returncode == 0, whole.stderr
+
+    process = subprocess.Popen([*train, str(small_shards), *common, "--log", "tensorboard", "--out", url,
+                                "--cache", str(tmp_path / "node-a")], env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not fs.exists("imgprep-runs/tiny/last.pt"):  # epoch 1 is saved and uploaded
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint reached the bucket"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 75, stderr
+    assert url + "/last.pt" in stderr  # the message names the checkpoint where it is kept
+    assert_group_ends(process.pid)
+    staged = next((tmp_path / "node-a" / "runs").iterdir())
+    for name in ("last.pt", "metrics.jsonl", "curves.png"):
+        assert fs.cat_file(f"imgprep-runs/tiny/{name}") == (staged / name).read_bytes(), name
+    assert fs.find("imgprep-runs/tiny/tensorboard"), "the TensorBoard events were not uploaded"
+
+    refused = run_command([*train, str(small_shards), *common, "--out", url], env=env)[0]
+    assert refused.returncode == 1 and "already holds a run" in refused.stderr, refused.stderr
+
+    resumed, _ = run_command([*train, "--resume", url, "--arch", "tiny_models:tiny_dropout",
+                              "--cache", str(tmp_path / "node-b")], env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    with fs.open("imgprep-runs/tiny/last.pt", "rb") as f:
+        uploaded = torch.load(f, weights_only=True)
+    expected = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    assert uploaded["epoch"] == 3
+    assert all(torch.equal(uploaded["model"][k], expected["model"][k]) for k in expected["model"])
+    epochs = [json.loads(line)["epoch"] for line in fs.cat_file("imgprep-runs/tiny/metrics.jsonl").splitlines()]
+    assert epochs == [0, 1, 2, 3]
+    evaluated, _ = run_command([sys.executable, "-m", "train", "eval", url + "/best.pt", "--arch", "tiny_models:tiny_dropout",
+                                "--device", "cpu", "--workers", "1"], env=env)
+    assert evaluated.returncode == 0 and "val top-1" in evaluated.stdout, evaluated.stderr
+    missing, _ = run_command([sys.executable, "-m", "train", "eval", url + "/nothing.pt"], env=env)
+    assert missing.returncode == 1 and f"no checkpoint at {url}/nothing.pt" in missing.stderr, missing.stderr

@@ -107,9 +107,12 @@ def shown(name: str, text: str = "") -> str:
                                         for name in ("demo", "resnet50", "resnet18"))
                    + " The ResNet presets are FFCV's published ImageNet configs; their --res-ramp follows "
                      "--epochs as FFCV's tables do (16 epochs: 11:13, 88 epochs: 65:76).")
-@click.option("--out", type=FolderOrFile(file_okay=False), help="Run folder." + shown("out", "runs/<arch>"))
-@click.option("--resume", type=FolderOrFile(file_okay=False, path_type=Path),
-              help="Continue the run in this folder from its last.pt (its config; --epochs may grow).")
+@click.option("--out", type=FolderOrFile(file_okay=False, urls=True),
+              help="Run folder, or its URL (s3://bucket/runs/x: the run writes to a staging folder under --cache and "
+                   "uploads each file after each save)." + shown("out", "runs/<arch>"))
+@click.option("--resume", type=FolderOrFile(file_okay=False, path_type=Path, urls=True),
+              help="Continue the run in this folder (or at this URL) from its last.pt (its config; --epochs may "
+                   "grow).")
 @click.option("--arch", help="alexnet, alexnet-owt, resnet18, resnet50, a torchvision name, or package.module:factory "
                              "(imports that module and runs its code; --resume needs it again)." + shown("arch"))
 @click.option("--epochs", type=int, help="Passes over the training split." + shown("epochs"))
@@ -159,7 +162,8 @@ def shown(name: str, text: str = "") -> str:
                    + shown("checkpoint_minutes"))
 @click.option("--cache", type=FolderOrFile(file_okay=False),
               help="SHARDS at a URL (s3://bucket/prefix): the local folder its shard files are downloaded to, "
-                   "shared by the ranks of a node.  [default: ~/.cache/imgprep]")
+                   "shared by the ranks of a node; --out at a URL: its staging folder is under it too.  "
+                   "[default: ~/.cache/imgprep]")
 @click.option("--cache-limit", type=ByteSize(),
               help="SHARDS at a URL: the most the cache may hold (500MB, 100GB, 1TiB). When the shards do not fit, "
                    "each epoch reads them in shard-window order, a quarter of the cache at a time.  [default: all]")
@@ -185,8 +189,11 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, accept_chang
     """
     from train.checkpoint import LAST, check_same_shards, load_checkpoint
     from train.config import TrainConfig
+    from train.outputs import fetch_run, local_folder, shown
 
-    state = load_checkpoint(resume / LAST) if resume else None  # read once: it may weigh hundreds of MB
+    # A run at a URL is resumed from its staging folder, refreshed from the bucket first.
+    resumed = (fetch_run(resume, options.get("cache")) if isinstance(resume, str) else resume) if resume else None
+    state = load_checkpoint(resumed / LAST) if resume else None  # read once: it may weigh hundreds of MB
     if resume and not (gpus or nproc):  # as many processes as the run had, unless told otherwise
         nproc, gpus = resumed_processes(state, device)
     device, processes = resolve_processes(device, gpus, nproc)
@@ -198,7 +205,7 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, accept_chang
     if resume:
         config = resumed_config(resume, state, given, shards, out).with_(device=device)
         if not accept_changed_shards:
-            check_same_shards(state, open_run_shards(config).root, resume / LAST, "--accept-changed-shards resumes "
+            check_same_shards(state, open_run_shards(config).root, shown(resume, LAST), "--accept-changed-shards resumes "
                               "on them anyway, but not to the weights an uninterrupted run would have")
     else:
         values = {**preset_values(preset, given), "device": device}
@@ -212,7 +219,7 @@ def run(shards, preset, out, resume, device, gpus, nproc, compile_, accept_chang
         config = TrainConfig(**values, shards=folder if isinstance(folder, str) else str(folder.absolute()), out=out)
     from train.loop import PREEMPTED_EXIT, worker
 
-    with run_folder_lock(config.out):
+    with run_folder_lock(local_folder(config.out, config.cache)):
         check_run(config, world_size(processes), resume is not None)
         result = launch(worker, (config, resume is not None), processes)
     if result.get("preempted"):
@@ -247,13 +254,16 @@ def resumed_processes(state: dict, device) -> tuple[int | None, int | None]:
     return (None, processes) if on_gpus else (processes, None)
 
 
-def resumed_config(folder: Path, state: dict, given: dict, shards, out):
+def resumed_config(folder, state: dict, given: dict, shards, out):
+    """The checkpoint's config with ``given`` changes; FOLDER (a path or URL) stays OUT."""
     from train.checkpoint import LAST
     from train.config import TrainConfig, default
     from train.models import arch_from_checkpoint
+    from train.outputs import shown
 
     given = dict(given)
-    arch = arch_from_checkpoint(state["config"].get("arch", default("arch")), given.pop("arch", None), folder / LAST)
+    arch = arch_from_checkpoint(state["config"].get("arch", default("arch")), given.pop("arch", None),
+                                shown(folder, LAST))
     if shards or out or set(given) - set(RESUMABLE_CHANGES):
         changed = sorted(set(given) - set(RESUMABLE_CHANGES)) + (["shards"] if shards else []) + (["out"] if out else [])
         allowed = ", ".join("--" + c.replace("_", "-") for c in RESUMABLE_CHANGES)
@@ -263,7 +273,7 @@ def resumed_config(folder: Path, state: dict, given: dict, shards, out):
     if given.get("backend") and before and given["backend"] != before:
         click.echo(f"note: this run used the {before} backend; with {given['backend']} it continues, but not "
                    "bit-exactly (the backends agree to float rounding)", err=True)
-    return TrainConfig.from_dict({**state["config"], **given, "arch": arch, "out": str(folder)}, folder / LAST)
+    return TrainConfig.from_dict({**state["config"], **given, "arch": arch, "out": str(folder)}, shown(folder, LAST))
 
 
 def check_run(config, processes: int, resume: bool) -> None:
@@ -273,6 +283,7 @@ def check_run(config, processes: int, resume: bool) -> None:
     from prep.atomic import TMP_MARK
     from train.checkpoint import LAST
     from train.models import check_arch, check_input_size
+    from train.outputs import check_new_run, local_folder
     from train.runlog import check_loggers
 
     per_rank = per_rank_batch(config.batch_size, processes)
@@ -291,17 +302,20 @@ def check_run(config, processes: int, resume: bool) -> None:
         what = "an empty val split" if "val" in shard_set.splits else "no val split"
         raise click.ClickException(f"{config.shards} has {what}, and --schedule plateau lowers the rate only when "
                                    "validation stalls; use --schedule step or cosine (or check the val labels)")
-    if not resume and (Path(config.out) / LAST).exists():
+    local = local_folder(config.out, config.cache)
+    if not resume:
+        check_new_run(config.out)  # at a URL: reachable, and no run there yet
+    if not resume and (local / LAST).exists():
         raise click.ClickException(f"{config.out} already holds a run: continue it with --resume {config.out}"
                                    f"{resume_arch(config.arch)}, "
                                    "or choose another --out")
-    Path(config.out).mkdir(parents=True, exist_ok=True)
-    for leftover in Path(config.out).glob(f"*{TMP_MARK}*"):  # a save cut short by a kill; we hold the lock
+    local.mkdir(parents=True, exist_ok=True)
+    for leftover in local.rglob(f"*{TMP_MARK}*"):  # a save cut short by a kill; we hold the lock
         leftover.unlink()
 
 
 @main.command("eval")
-@click.argument("checkpoint", type=FolderOrFile(exists=True, dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=FolderOrFile(exists=True, dir_okay=False, path_type=Path, urls=True))
 @click.option("--ten-crop", is_flag=True, help="Average the softmax of the paper's 10 crops (else the centre crop).")
 @click.option("--shards", type=FolderOrFile(file_okay=False, urls=True),
               help="Shard folder.  [default: the run's own; for a weights-only file $IMGPREP_SHARDS, else ./shards]")
@@ -318,17 +332,20 @@ def check_run(config, processes: int, resume: bool) -> None:
 def evaluate(checkpoint, ten_crop, shards, batch_size, workers, backend, arch, normalize, device, gpus, nproc):
     """Top-1 and top-5 of CHECKPOINT over the whole validation split.
 
-    CHECKPOINT is a train checkpoint (last.pt, best.pt), or published weights: a plain
-    state_dict such as torchvision's model files, with --arch naming the network. Those are
-    taken to be over the shards' classes in index order (ImageNet's sorted wnids, as
-    torchvision's) and to expect torchvision's input normalisation."""
+    CHECKPOINT is a train checkpoint (last.pt, best.pt; a file, or an object of a run at a URL,
+    downloaded first), or published weights: a plain state_dict such as torchvision's model
+    files, with --arch naming the network. Those are taken to be over the shards' classes in
+    index order (ImageNet's sorted wnids, as torchvision's) and to expect torchvision's input
+    normalisation."""
     from train.evaluation import evaluate_checkpoint
+    from train.outputs import fetch_checkpoint
 
     from augment.sampler import per_rank_batch
 
     device, processes = resolve_processes(device, gpus, nproc)
     per_rank_batch(batch_size, world_size(processes))
-    result = launch(evaluate_checkpoint, (str(checkpoint), shards, ten_crop, batch_size,
+    local = fetch_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    result = launch(evaluate_checkpoint, (str(local), shards, ten_crop, batch_size,
                                           device, workers, backend, arch, normalize), processes)
     views = "10 crops" if ten_crop else "centre crop"
     click.echo(f"{escaped(checkpoint)}: val top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "

@@ -42,6 +42,7 @@ from train.checkpoint import (BEST, LAST, load_checkpoint, provenance, restore_r
                               save_checkpoint)
 from train.config import TrainConfig, open_run_shards
 from train.models import build_model
+from train.outputs import RunUpload, local_folder, shown
 from train.runlog import RunLog
 from train.schedule import Schedule
 
@@ -167,7 +168,7 @@ class Trainee:
 
 
 def run(config: TrainConfig, resume: bool, context: dist.Context, stop: StopSignals | None = None) -> dict:
-    out = Path(config.out)
+    out = local_folder(config.out, config.cache)
     stop = stop or StopSignals()
     with contextlib.ExitStack() as loaders:
         train_loader, val_loader = make_loaders(config, context, loaders)
@@ -226,6 +227,7 @@ def run(config: TrainConfig, resume: bool, context: dist.Context, stop: StopSign
             trainee.finished_epoch, trainee.finished_metrics = epoch, metrics
             saver.save_epoch(improved)
             runlog.epoch(metrics)
+            saver.publish()
             result = metrics
             if dist.sum_all([stop.received is not None], context)[0] and epoch + 1 < config.epochs:
                 return saver.preempted(stop, mid_epoch=False)
@@ -261,10 +263,12 @@ def restore(trainee: Trainee, out: Path, context) -> dict | None:
 
 class Saver:
     """Rank 0 writes; every rank takes part (the checkpoint gathers every rank's RNG state).
-    Also keeps the clock of --checkpoint-minutes and holds the run log for the steps."""
+    Also keeps the clock of --checkpoint-minutes, holds the run log for the steps, and uploads
+    the run folder's files after each save when OUT is a URL."""
 
     def __init__(self, trainee: Trainee, config: TrainConfig, context, out: Path, runlog: RunLog):
         self.trainee, self.config, self.context, self.out, self.runlog = trainee, config, context, out, runlog
+        self.upload = RunUpload(config.out, out)
         self.last_save = time.monotonic()
 
     def due(self) -> bool:
@@ -288,14 +292,19 @@ class Saver:
         state = self.trainee.state(self.config, self.context, partial)
         if self.context.main:
             save_checkpoint(self.out / LAST, state)
+        self.publish()
         self.last_save = time.monotonic()
+
+    def publish(self) -> None:
+        if self.context.main:
+            self.upload.publish()
 
     def preempted(self, stop: StopSignals, mid_epoch: bool) -> dict:
         loader = self.trainee.train_loader
         where = (f"in epoch {loader.epoch + 1} at step {loader.position} of {len(loader)}" if mid_epoch
                  else f"after epoch {self.trainee.finished_epoch + 1}")
         return {"preempted": stop.received or "a stop signal on another rank", "where": where,
-                "step": self.trainee.step, "checkpoint": str(self.out / LAST)}
+                "step": self.trainee.step, "checkpoint": shown(self.config.out, LAST)}
 
 
 def train_epoch(net, trainee: Trainee, config, context, epoch: int, carried: tuple, stop: StopSignals,
@@ -351,8 +360,8 @@ def check_step(loss: torch.Tensor, config: TrainConfig, context, epoch: int, ste
     bad, stopping, saving = dist.sum_all([0.0 if math.isfinite(value) else 1.0, stop.received is not None,
                                           saver.due()], context)
     if bad:
-        last = Path(config.out) / LAST
-        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was saved before it"
+        saved = (local_folder(config.out, config.cache) / LAST).is_file()
+        kept = f"the last good checkpoint is {shown(config.out, LAST)}" if saved else "no checkpoint was saved before it"
         raise TrainingError(f"loss is {value} at epoch {epoch + 1}, step {step}: stopped; {kept} "
                             "(lower --lr, or check the data with imgprep preview)")
     return value, bool(stopping), bool(saving)
