@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from augment.buffers import ReusedOutputs
 from augment.errors import worker_errors_reported
 from augment.params import ten_crop_windows
 from augment.streams import Delivered, StreamRequest
@@ -233,14 +234,20 @@ def build_pipeline(request: StreamRequest, feed_only: bool = False):
 
 
 class DaliStream:
-    """The DALI backend's ``Stream``: the pipeline, its iterator and its workers."""
+    """The DALI backend's ``Stream``: the pipeline, its iterator and its workers.
+
+    On a GPU, DALI's torch iterator copies each output into a new device tensor (torch's caching
+    allocator reuses the memory). On the CPU the outputs are copied into tensors kept for reuse
+    (``augment.buffers``): a new 77 MB host tensor a batch cost as much as the batch's maths."""
 
     def __init__(self, request: StreamRequest, feed_only: bool = False):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         self.pipe = build_pipeline(request, feed_only)
+        self.iterator, self.outputs = None, ReusedOutputs()
         try:
-            self.iterator = DALIGenericIterator(self.pipe, ["images", "labels", "tag"], auto_reset=False)
+            if request.device == "cuda":
+                self.iterator = DALIGenericIterator(self.pipe, ["images", "labels", "tag"], auto_reset=False)
         except BaseException:  # its first batch failed: its workers must not outlive it
             stop_dali(self.pipe)
             raise
@@ -251,9 +258,22 @@ class DaliStream:
         self.horizon = max(1, request.workers) + 1 + PIPELINE_DEPTH + 2
 
     def __next__(self) -> Delivered:
-        (output,) = next(self.iterator)
-        generation, epoch, position = (int(v) for v in output["tag"][0])  # a CPU tensor: no device sync
-        return Delivered(output["images"], output["labels"].reshape(-1), generation, epoch, position)
+        if self.iterator is None:
+            images, labels, tag = self._run_on_cpu()
+        else:
+            (output,) = next(self.iterator)
+            images, labels, tag = output["images"], output["labels"], output["tag"]
+        generation, epoch, position = (int(v) for v in tag[0])  # a CPU tensor: no device sync
+        return Delivered(images, labels.reshape(-1), generation, epoch, position)
+
+    def _run_on_cpu(self) -> tuple:
+        import torch
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+        images, labels, tag = (output.as_tensor() for output in self.pipe.run())  # valid until the next run
+        out = self.outputs.take(tuple(images.shape()), to_torch_type[images.dtype])
+        feed_ndarray(images, out)
+        return out, torch.from_numpy(np.array(labels)), np.array(tag)
 
     def close(self) -> None:
         stop_dali(self.pipe)

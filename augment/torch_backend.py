@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from augment.buffers import ReusedOutputs
 from augment.errors import worker_errors_reported
 from augment.feed import PlannedBatch
 from augment.streams import Delivered, StreamRequest
@@ -213,6 +214,8 @@ class TorchStream:
         # the cores busy, and torch's thread pool fighting them for the cores made every copy
         # and float op of the batch about ten times slower (measured on 2 loaded cores).
         self.one_thread = self.device == "cpu" and request.workers > 0
+        # CPU float32 batches go into kept tensors nobody holds any more (augment.buffers).
+        self.outputs = ReusedOutputs() if self.device == "cpu" and self.spec.dtype == "float32" else None
 
     def __next__(self) -> Delivered:
         self.ring.before_fetch()
@@ -232,13 +235,23 @@ class TorchStream:
         images, params = self.ring.to_device(filled.slot, shape)
         offsets, labels = params[:, 3:6], params[:, 6].long()
         if spec.mode == "test10":
-            out = ten_crop_batch(images, spec, self.colour) if self.whole else finish_ten(images, spec, self.colour)
+            out = (ten_crop_batch(images, spec, self.colour) if self.whole
+                   else finish_ten(images, spec, self.colour, self._output((size, 10, spec.crop))))
         elif self.whole:
             x, y, mirror = params[:, 0].long(), params[:, 1].long(), params[:, 2].bool()
-            out = augment_whole(images, x, y, mirror, offsets, spec, self.colour, batch.res)
+            out = augment_whole(images, x, y, mirror, offsets, spec, self.colour, batch.res, self._output((size, batch.res)))
         else:
-            out = finish(mirror_windows(images, params[:, 2].bool()), offsets, spec, self.colour)
+            out = finish(mirror_windows(images, params[:, 2].bool()), offsets, spec, self.colour,
+                         out=self._output((size, batch.res)))
         return Delivered(out, labels, batch.generation, batch.epoch, batch.position)
+
+    def _output(self, lead: tuple) -> torch.Tensor | None:
+        """A kept tensor for an output of ``lead`` = (B, [views,] side), or None (a new one)."""
+        if self.outputs is None:
+            return None
+        *batch, side = lead
+        image = (3, side, side) if self.spec.layout == "NCHW" else (side, side, 3)
+        return self.outputs.take((*batch, *image), torch.float32)
 
     def close(self) -> None:
         shutdown = getattr(self.iterator, "_shutdown_workers", None)  # joins them (one process has none)

@@ -79,13 +79,15 @@ def mirror_windows(windows: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
 
 
 def finish(windows: torch.Tensor, offsets: torch.Tensor, spec: AugmentSpec, colour: DeviceColour,
-           mean_windows: torch.Tensor | None = None) -> torch.Tensor:
+           mean_windows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 windows [B, r, r, 3], already mirrored -> [B, 3, r, r] (NCHW) or [B, r, r, 3] in
     spec.dtype: lighting ``offsets`` [B, 3] added, then normalised (``mean_windows``: the mean
-    image cut like the windows, for "mean-image")."""
+    image cut like the windows, for "mean-image"). ``out``: a float32 tensor of the output's
+    shape to write into (``augment.buffers``: on the CPU a new one costs more than the maths)."""
     nchw = spec.layout == "NCHW"
-    # Permute while still uint8 (a quarter of the bytes), convert once, then scale and shift in place.
-    values = (windows.permute(0, 3, 1, 2) if nchw else windows).to(torch.float32, memory_format=torch.contiguous_format)
+    arranged = windows.permute(0, 3, 1, 2) if nchw else windows
+    # Convert once, in the copy that rearranges, then scale and shift in place.
+    values = arranged.to(torch.float32, memory_format=torch.contiguous_format) if out is None else out.copy_(arranged)
     channel = (slice(None), slice(None), None, None) if nchw else (slice(None), None, None, slice(None))
     if spec.per_channel:  # (v + o - mean) / std
         values.sub_((colour.mean - offsets)[channel]).div_(colour.std[(None, *channel[1:])])
@@ -97,14 +99,14 @@ def finish(windows: torch.Tensor, offsets: torch.Tensor, spec: AugmentSpec, colo
 
 
 def augment_whole(images: torch.Tensor, x, y, mirror, offsets, spec: AugmentSpec, colour: DeviceColour,
-                  side: int) -> torch.Tensor:
+                  side: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Whole square images [B, S, S, 3] -> the output of their ``side`` x ``side`` windows at
     (x, y), mirrored, lit and normalised (``finish``)."""
     windows = cut_windows(images, x, y, mirror, side)
     mean_windows = None
     if spec.normalize == "mean-image":
         mean_windows = cut_windows(colour.mean_image.expand(len(windows), -1, -1, -1), x, y, mirror, side)
-    return finish(windows, offsets, spec, colour, mean_windows)
+    return finish(windows, offsets, spec, colour, mean_windows, out)
 
 
 def augment_batch(images: torch.Tensor, params: SampleParams, spec: AugmentSpec, colour: ColourStats) -> torch.Tensor:
@@ -136,9 +138,12 @@ def ten_crop_batch(images: torch.Tensor, spec: AugmentSpec, colour: DeviceColour
     return torch.stack(views, dim=1)
 
 
-def finish_ten(views: torch.Tensor, spec: AugmentSpec, colour: DeviceColour) -> torch.Tensor:
+def finish_ten(views: torch.Tensor, spec: AugmentSpec, colour: DeviceColour,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Ten views cut by the workers, uint8 [B, 10, c, c, 3] -> [B, 10, 3, c, c] (or NHWC)."""
     batch = views.shape[0]
     flat = views.reshape(batch * 10, *views.shape[2:])
-    out = finish(flat, torch.zeros((batch * 10, 3), device=views.device), spec, colour)
-    return out.reshape(batch, 10, *out.shape[1:])
+    if out is not None:
+        out = out.view(batch * 10, *out.shape[2:])
+    values = finish(flat, torch.zeros((batch * 10, 3), device=views.device), spec, colour, out=out)
+    return values.reshape(batch, 10, *values.shape[1:])
