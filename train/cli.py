@@ -68,12 +68,12 @@ def world_size(processes: int) -> int:
 
 def launch(entrypoint, args: tuple, processes: int) -> dict:
     """In this process (one process, or already under torchrun), else N local processes. Errors
-    of any process arrive here as exceptions (``dist.RankError`` from the others)."""
-    from train import dist
+    of any process arrive here as exceptions (``supervise.RankError`` from the others)."""
+    from train import dist, supervise
 
     if dist.under_launcher() or processes == 1:
         return entrypoint(*args)
-    return dist.launch(entrypoint, args, processes)
+    return supervise.launch(entrypoint, args, processes)
 
 
 def run_folder_lock(out: str):

@@ -13,6 +13,7 @@ from train.checkpoint import check_same_shards, load_for_eval
 from train.config import TrainConfig, open_run_shards
 from train.loop import TrainingError, evaluate, load_weights, make_loaders
 from train.models import arch_from_checkpoint, build_model
+from train.supervise import early_stop
 
 
 def evaluate_checkpoint(path, shards: str | None, ten_crop: bool, batch_size: int, device: str, workers: int,
@@ -20,7 +21,7 @@ def evaluate_checkpoint(path, shards: str | None, ten_crop: bool, batch_size: in
     """Each process of ``train eval``: the checkpoint's model on the whole validation split.
     An evaluation has nothing to save: SIGTERM and SIGUSR1 end it as Ctrl-C does."""
     with sigterm_as_interrupt(signal.SIGTERM, signal.SIGUSR1):
-        if dist.early_stop():
+        if early_stop():
             raise KeyboardInterrupt
         return evaluate_on_val(path, shards, ten_crop, batch_size, device, workers, backend, arch, normalize)
 

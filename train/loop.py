@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,43 +43,13 @@ from train.models import build_model
 from train.outputs import RunUpload, local_folder, shown
 from train.runlog import RunLog
 from train.schedule import Schedule
+from train.supervise import StopSignals
 
 PREEMPTED_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped on request, checkpoint saved, resume to continue
 
 
 class TrainingError(ImgprepError):
     """The run cannot go on (diverged, or cannot resume); the message says why."""
-
-
-class StopSignals:
-    """Notes SIGTERM and SIGUSR1 instead of dying on them; ``run`` stops at its next check.
-    The first SIGINT raises KeyboardInterrupt; later ones (a terminal and a launcher may both
-    send one) are ignored, so they cannot cut short the closing of the loaders."""
-
-    NUMBERS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
-
-    def __enter__(self) -> "StopSignals":
-        self.received = dist.early_stop()  # one that came while the process was starting
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {number: signal.signal(number, self._note) for number in self.NUMBERS}
-            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
-        return self
-
-    @staticmethod
-    def _interrupt(number, frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def _note(self, number, frame) -> None:
-        self.received = signal.Signals(number).name
 
 
 def worker(config: TrainConfig, resume: bool) -> dict:
