@@ -46,6 +46,10 @@ class ConfigError(ImgprepError, ValueError):
     """An option, or a combination of options, that cannot work."""
 
 
+# The TrainConfig fields that the loader's AugmentSpec takes under the same names.
+RECIPE = ("crop", "lighting", "normalize", "crop_mode", "val_resize")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     shards: str = DEFAULT_SHARDS  # shard folder made by `imgprep shard` and `imgprep pca-stats`, or its URL
@@ -148,12 +152,12 @@ class TrainConfig:
         return self.crop if self.max_res is None else self.max_res
 
     def augment_spec(self, mode: str = "train", layout: str = "NCHW") -> AugmentSpec:
-        """The loader's recipe for ``mode`` ("train", "val", "test10"): lighting in training only,
-        val_resize in evaluation only (training sides come per epoch from ``res_at``)."""
-        train = mode == "train"
-        return AugmentSpec(mode=mode, crop=self.crop, lighting=self.lighting if train else 0,
-                           normalize=self.normalize, layout=layout, crop_mode=self.crop_mode,
-                           val_resize=None if train else self.val_resize)
+        """The loader's recipe for ``mode`` ("train", "val", "test10"): the RECIPE fields, less
+        what the other mode uses: lighting in training only, val_resize in evaluation only
+        (training sides come per epoch from ``res_at``)."""
+        values = {name: getattr(self, name) for name in RECIPE}
+        values.update({"val_resize": None} if mode == "train" else {"lighting": 0})
+        return AugmentSpec(mode=mode, layout=layout, **values)
 
     def as_dict(self) -> dict:
         return asdict(self)
