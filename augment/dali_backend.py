@@ -305,13 +305,11 @@ def kill_children(pids) -> None:
     """SIGKILL those of ``pids`` that are still children of this process."""
     import signal
 
+    from prep.procs import process_stat
+
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == os.getpid():
+        stat = process_stat(pid)
+        if stat is not None and stat.parent == os.getpid():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -18,7 +18,7 @@ import multiprocessing
 
 from prep.build import build_shard
 from prep.errors import PrepError
-from prep.pool import WorkerDied, WorkerPool
+from prep.pool import WorkerPool
 
 INTERRUPTED = "interrupted; finished shards are kept: rerun the same command to resume"
 
@@ -65,18 +65,18 @@ def run_local(pending, reader, out, options, workers: int, bar_spec):
         return
     counter = multiprocessing.Value("q", 0)
     seen = [0]
+    def died(tasks) -> PrepError:
+        cause = "no space left on the disk?" if disk_nearly_full(out, options) else "out of memory?"
+        return PrepError(f"a worker process died while making {' or '.join(t.file for t in tasks)} "
+                         f"({cause}); finished shards are kept: rerun the same command to resume")
+
     with WorkerPool(workers, _init_worker, (counter, reader)) as pool:
         try:
             results = pool.run(functools.partial(_run_task, out=out, options=options), pending,
-                               poll=lambda: seen.__setitem__(0, _advance(bar, counter.value, seen[0])))
-            bar = progress_bar(bar_spec)  # after the fork: tqdm starts a monitor thread
-            with bar:
-                for _, record in results:
-                    yield record
-        except WorkerDied as death:
-            cause = "no space left on the disk?" if disk_nearly_full(out, options) else "out of memory?"
-            raise PrepError(f"a worker process died while making {' or '.join(t.file for t in death.tasks)} "
-                            f"({cause}); finished shards are kept: rerun the same command to resume") from None
+                               poll=lambda: seen.__setitem__(0, _advance(pool.bar, counter.value, seen[0])),
+                               bar=lambda: progress_bar(bar_spec), died=died)
+            for _, record in results:
+                yield record
         except KeyboardInterrupt:
             raise PrepError(INTERRUPTED) from None
 

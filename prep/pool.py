@@ -5,7 +5,9 @@ One pool, so every stage gets the same behaviour from its workers:
 - Ctrl-C is the parent's: workers ignore SIGINT, and the parent ends them (SIGTERM) when it
   stops early, instead of letting each finish its task first;
 - a worker that dies (killed for memory, a crash in a native library) breaks the pool; the
-  error names the task that worker was running, which the executor itself cannot tell.
+  error names the task that worker was running, which the executor itself cannot tell;
+- the progress bar opens after the fork (tqdm runs a thread: a fork copies none, but may copy a
+  lock one of them held) and closes however the run ends.
 
 To know who ran what, each worker owns a row of a shared table: (its pid, 1 + the number of the
 task it is running or 0, 1 once it was told to stop). When the pool breaks, the executor stops
@@ -15,6 +17,7 @@ gone, the worker that died is the one mid-task that was never told to stop.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -26,6 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 from prep.atomic import release_inherited_locks
 from prep.errors import quiet_cleanup_echoes
 from prep.lifeline import die_with_parent, prepare_workers, signals_blocked
+from prep.procs import process_stat
 
 
 def usable_cores() -> int:
@@ -85,25 +89,27 @@ def _run(function, number: int, task):
 
 
 class WorkerPool:
-    """``with WorkerPool(workers) as pool: for task, result in pool.run(function, tasks): ...``
+    """``with WorkerPool(workers) as pool: for task, result in pool.run(function, tasks, bar=...): ...``
 
-    ``run`` forks the workers before it returns its iterator: start anything that runs a thread
-    (a tqdm bar) after calling it, since a fork copies no thread but may copy a held lock.
-    Leaving the block early (an error, Ctrl-C) ends the workers at once; either way every worker
-    has been joined when the block is left.
+    ``run`` forks the workers before it returns its iterator; the bar (``pool.bar``) is made when
+    iteration starts. Leaving the block early (an error, Ctrl-C) ends the workers at once; either
+    way every worker has been joined when the block is left.
     """
 
     def __init__(self, workers: int, initializer=None, initargs=()):
         self.workers, self.initializer, self.initargs = max(1, workers), initializer, initargs
         self.executor = None
+        self.bar = None
 
     def __enter__(self):
         return self
 
-    def run(self, function, tasks: list, poll=None, every: float = 0.25):
+    def run(self, function, tasks: list, poll=None, every: float = 0.25, bar=None, died=None):
         """Submit every task (forking the workers), and return an iterator of (task, result)
-        in the order they finish; ``poll()`` is called every ``every`` seconds meanwhile. A dead
-        worker raises WorkerDied."""
+        in the order they finish; ``poll()`` is called every ``every`` seconds meanwhile.
+        ``bar()`` makes the progress bar (``self.bar`` while iterating; a tqdm or any context
+        manager). A dead worker raises ``died(tasks)``, the exception for the tasks it may have
+        been running (one when known), or WorkerDied(tasks)."""
         tasks = list(tasks)
         workers = min(self.workers, max(1, len(tasks)))
         table = multiprocessing.Array("q", COLUMNS * workers, lock=False)
@@ -117,20 +123,21 @@ class WorkerPool:
         # would run this process's handler in them.
         with signals_blocked(STARTING_SIGNALS):
             futures = {self.executor.submit(_run, function, n, task): n for n, task in enumerate(tasks)}
-        return self._results(futures, tasks, table, poll, every)
+        return self._results(futures, tasks, table, poll, every, bar, died or WorkerDied)
 
-    def _results(self, futures, tasks, table, poll, every):
-        while futures:
-            done, _ = wait(futures, timeout=every, return_when=FIRST_COMPLETED)
-            if poll is not None:
-                poll()
-            for future in done:
-                number = futures.pop(future)
-                try:
-                    result = future.result()
-                except BrokenProcessPool:
-                    raise WorkerDied(_suspects(table, tasks) or [tasks[number]]) from None
-                yield tasks[number], result
+    def _results(self, futures, tasks, table, poll, every, bar, died):
+        with bar() if bar is not None else contextlib.nullcontext() as self.bar:
+            while futures:
+                done, _ = wait(futures, timeout=every, return_when=FIRST_COMPLETED)
+                if poll is not None:
+                    poll()
+                for future in done:
+                    number = futures.pop(future)
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool:
+                        raise died(_suspects(table, tasks) or [tasks[number]]) from None
+                    yield tasks[number], result
 
     def __exit__(self, kind, error, trace):
         if self.executor is None:
@@ -176,9 +183,5 @@ def _suspects(table, tasks, seconds: float = 10) -> list:
 
 
 def _alive(pid: int) -> bool:
-    """Running, as opposed to ended (a zombie waiting to be collected counts as ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    stat = process_stat(pid)
+    return stat is not None and stat.running

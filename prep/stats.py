@@ -26,6 +26,7 @@ number of workers or on the order of the shards.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -37,7 +38,7 @@ import numpy as np
 
 from prep.atomic import TMP_MARK, atomic_path, atomic_write_text, locked_folder, no_space
 from prep.errors import OutputError, PrepError, ShardFormatError
-from prep.pool import WorkerDied, WorkerPool
+from prep.pool import WorkerPool
 from prep.encodings import PixelSums
 from prep.shards import MEAN_IMAGE, STATS, manifest_sha256, open_shards, read_document, read_manifest, shard_entries
 
@@ -156,17 +157,16 @@ def _compute_stats(root: Path, split: str, workers: int, sample, seed: int, prog
     warm_up_compiled_sums()
     total = PixelSums(reader.size if reader.square else None)
     planned = sum(len(sub) if sub is not None else counts[file_no] for _, _, file_no, sub in tasks)
+    def died(tasks) -> PrepError:
+        files = " or ".join(str(root / reader.files[task[2]]) for task in tasks)
+        return PrepError(f"a pca-stats worker process died while reading {files} (out of memory?); nothing was written")
+
     with WorkerPool(workers) as pool:
-        results = pool.run(_shard_sums, tasks)  # forks before tqdm's thread starts
-        with tqdm(total=planned, unit="img", desc="pca-stats", disable=not progress, dynamic_ncols=True) as bar:
-            try:
-                for _, part in results:
-                    total.add(part)
-                    bar.update(part.images)
-            except WorkerDied as death:
-                files = " or ".join(str(root / reader.files[task[2]]) for task in death.tasks)
-                raise PrepError(f"a pca-stats worker process died while reading {files} (out of memory?); "
-                                "nothing was written") from None
+        bar = functools.partial(tqdm, total=planned, unit="img", desc="pca-stats", disable=not progress,
+                                dynamic_ncols=True)
+        for _, part in pool.run(_shard_sums, tasks, bar=bar, died=died):
+            total.add(part)
+            pool.bar.update(part.images)
     stats = finish(total)
     mean_image = stats.pop("mean_image")
     buffer = io.BytesIO()

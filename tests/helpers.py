@@ -42,20 +42,19 @@ def shard_hashes(root: Path) -> dict:
 def living_members(group: int) -> list[str]:
     """'pid command' of the processes still running in process group ``group`` (zombies, which
     only wait for a parent to collect their exit status, do not count)."""
+    from prep.procs import all_pids, process_stat
+
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for pid in all_pids():
+        stat = process_stat(pid)
+        if stat is None or stat.group != group or not stat.running:
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 command = f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
         except OSError:
             continue
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp == group and state != "Z":
-            found.append(f"{entry} {command}")
+        found.append(f"{pid} {command}")
     return found
 
 

@@ -25,7 +25,6 @@ The target is <= 1.5x the floor for both backends. The last line is exactly
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -34,19 +33,14 @@ from pathlib import Path
 import click
 import numpy as np
 
+from prep.procs import process_stat
 from tools.bench_stats import synthetic_shards
 from tools.benchkit import report
 
 
 def cpu_seconds(pids) -> float:
-    """User + system CPU time of processes ``pids`` so far (Linux /proc)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / ticks
+    """User + system CPU time of processes ``pids`` so far (Linux /proc; those gone count 0)."""
+    return sum(stat.cpu_seconds for stat in map(process_stat, pids) if stat is not None)
 
 
 def copy_floor(root: Path, batch_size: int, samples: int, seed: int) -> float:

@@ -24,6 +24,7 @@ the staged tars at the same paths, on storage every worker sees (as OUT must be)
 
 from __future__ import annotations
 
+import functools
 import gzip
 import multiprocessing
 import os
@@ -88,20 +89,18 @@ def scan_hf_archives(root: Path, val_labels=None) -> Dataset:
 def _list_archives(files: list) -> list:
     """(split, path, members, size of the tar inside) of each archive, listed in parallel (one
     process an archive, up to a process a core): inflating is CPU work, minutes for ImageNet."""
-    from prep.pool import WorkerDied, WorkerPool, usable_cores
+    from prep.pool import WorkerPool, usable_cores
+
+    def died(tasks) -> SourceError:
+        return SourceError(f"a process died while listing {' or '.join(map(str, tasks))} (out of memory?)")
 
     listed = {}
     with WorkerPool(min(len(files), usable_cores())) as pool:
-        results = pool.run(_stream_members, [path for _, path in files])
-        # a bar on a terminal (after the fork: tqdm runs a thread), nothing in logs and tests
-        with _bar(sum(path.stat().st_size for _, path in files), "list", enabled=None) as bar:
-            try:
-                for path, members_and_size in results:
-                    listed[path] = members_and_size
-                    bar.update(path.stat().st_size)
-            except WorkerDied as death:
-                raise SourceError(f"a process died while listing {' or '.join(map(str, death.tasks))} "
-                                  "(out of memory?)") from None
+        # a bar on a terminal, nothing in logs and tests
+        bar = functools.partial(_bar, sum(path.stat().st_size for _, path in files), "list", enabled=None)
+        for path, members_and_size in pool.run(_stream_members, [path for _, path in files], bar=bar, died=died):
+            listed[path] = members_and_size
+            pool.bar.update(path.stat().st_size)
     return [(split, path, *listed[path]) for split, path in files]
 
 
@@ -154,19 +153,19 @@ def stage_archives(gzips: dict, folder: Path, workers: int, progress: bool) -> d
 
 def _decompress(todo: list, workers: int, progress: bool) -> None:
     """Run ``_stage`` on each (archive, staged tar, size) of ``todo`` in a process pool."""
-    from prep.pool import WorkerDied, WorkerPool
+    from prep.pool import WorkerPool
+
+    def died(tasks) -> PrepError:
+        return PrepError(f"a process died while decompressing {' or '.join(t[0] for t in tasks)} (out of memory?); "
+                         "the archives finished are kept: rerun the same command to resume")
 
     written = multiprocessing.Value("q", 0)  # bytes written by every worker so far, for the bar
     with WorkerPool(workers, _start_stager, (written,)) as pool:
         try:
-            results = pool.run(_stage, todo, poll=lambda: bar.update(written.value - bar.n))
-            # the bar after the fork: tqdm runs a thread
-            with _bar(sum(size for _, _, size in todo), "decompress", progress) as bar:
-                for _ in results:
-                    pass
-        except WorkerDied as death:
-            raise PrepError(f"a process died while decompressing {' or '.join(t[0] for t in death.tasks)} (out of "
-                            "memory?); the archives finished are kept: rerun the same command to resume") from None
+            bar = functools.partial(_bar, sum(size for _, _, size in todo), "decompress", progress)
+            for _ in pool.run(_stage, todo, poll=lambda: pool.bar.update(written.value - pool.bar.n), bar=bar,
+                              died=died):
+                pass
         except KeyboardInterrupt:
             raise PrepError("interrupted; the archives finished are kept: rerun the same command to resume") from None
 
