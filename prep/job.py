@@ -62,9 +62,8 @@ def run_shard_job(dataset: Dataset, out, options: ShardOptions, workers: int, ov
         _prepare_output(out, identity, overwrite)
         done = _finished_records(out, tasks)
         pending = [t for t in tasks if (t.split, t.index) not in done]
-        prepare = getattr(dataset.reader, "prepare", None)  # a source's work before any task reads it
-        if pending and prepare:
-            prepare(out / JOURNAL, workers, progress)  # e.g. gzip'd tars decompressed once into the journal
+        if pending:  # a source's work before any task reads it: gzip'd tars decompressed into the journal
+            dataset.reader.prepare(out / JOURNAL, workers, progress)
         total = sum(len(t.items) for t in tasks)
         bar_start = total - sum(len(t.items) for t in pending)
         execute = run_local if engine == "local" else functools.partial(run_ray, address=ray_address)

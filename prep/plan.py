@@ -101,15 +101,18 @@ def order_key(seed: int, key: str) -> bytes:
 
 
 def item_order(seed: int, unit=None):
-    """The sort key of a (key, label) item: the key's hash, or (its unit's hash, its hash) for a
-    reader that has ``unit`` (see the module docstring)."""
-    if unit is None:
-        return lambda item: order_key(seed, item[0])
-    return lambda item: (order_key(seed, unit(item[0])), order_key(seed, item[0]))
+    """The sort key of a (key, label) item: (its unit's hash, its hash), ``unit`` being the
+    reader's (see the module docstring). Without units (``unit`` None, or giving None) the first
+    part is the same for every item, so the order is the hashes' alone."""
+    def sort_key(item):
+        group = unit(item[0]) if unit is not None else None
+        return (b"" if group is None else order_key(seed, group)), order_key(seed, item[0])
+
+    return sort_key
 
 
 def make_plan(dataset: Dataset, options: ShardOptions) -> list[ShardTask]:
-    order = item_order(options.seed, getattr(dataset.reader, "unit", None))
+    order = item_order(options.seed, dataset.reader.unit if dataset.reader is not None else None)
     tasks = []
     for split, items in dataset.splits.items():
         ordered = sorted(items, key=order)

@@ -22,6 +22,7 @@ from helpers import run_cli
 from prep.build import max_file_bytes
 from prep.decode import decode_resize
 from prep.errors import BadImage, SourceError
+from prep.sources.common import ReadsImagesAlone
 from prep.plan import ShardOptions
 from prep.sources import TreeReader, scan_source, scan_tree
 from tools.source_layouts import add_file
@@ -343,7 +344,7 @@ def test_a_fifo_in_a_files_place_is_a_reject_not_a_hang(pristine, tmp_path):
         ArchiveReader({"a.tar": str(fifo)}, {"a.tar/x.JPEG": ("a.tar", 512, 10)}).read("a.tar/x.JPEG", 1 << 20)
 
 
-class FailingReader:
+class FailingReader(ReadsImagesAlone):
     """Reads like ``reader``, but the keys in ``failing`` always fail with EIO (a bad sector)."""
 
     def __init__(self, reader, failing):

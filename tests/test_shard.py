@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import run_cli, shard_hashes
+from prep.sources.common import ReadsImagesAlone
 from tools.fake_imagenet import AWKWARD, make_fake_imagenet
 
 FIRST = "train/n01440764"
@@ -251,7 +252,7 @@ def test_interrupted_run_resumes_to_identical_output(src_and_clean, tmp_path, si
     assert not list(out.glob("*/*.tmp"))
 
 
-class DyingReader:
+class DyingReader(ReadsImagesAlone):
     """Kills the worker process that reads one particular file, as an out-of-memory kill would."""
 
     def __init__(self, inner, victim):

@@ -20,12 +20,13 @@ from pathlib import Path
 import click
 import numpy as np
 
+from prep.sources.common import ReadsImagesAlone
 from tools.benchkit import report
 
 SIZE = 256
 
 
-class NoiseReader:
+class NoiseReader(ReadsImagesAlone):
     """A source held nowhere: image ``key`` is SIZE x SIZE pixels of seeded noise, handed over
     as an uncompressed PPM (decoding it costs next to nothing). Picklable, as workers need."""
 

@@ -30,11 +30,13 @@ from pathlib import Path
 import click
 import numpy as np
 
+from prep.sources.common import ReadsImagesAlone
+
 CLASSES = 4
 DRY_ARCH = "tools.gpu_check:toy_cnn"  # the dry run's model (below)
 
 
-class FakePictures:
+class FakePictures(ReadsImagesAlone):
     """A source held nowhere: key "split/wnid/NNNNN.JPEG" is a fake_imagenet picture of its
     class, drawn and JPEG-encoded when read, so the shard job's worker pool makes the data in
     parallel (no source tree is written). Picklable, as the workers need."""

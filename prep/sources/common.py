@@ -3,7 +3,8 @@ lists, validation label files, and the loop that labels a flat validation set.
 
 A layout module scans its source without opening an image and returns a ``Dataset``: classes in
 index order, per split the (key, label) pairs sorted by key, the rejects with their reasons, and
-a picklable ``reader`` whose ``read(key, max_bytes)`` returns one image's bytes in a worker.
+a picklable ``reader`` (a ``SourceReader``) whose ``read(key, max_bytes)`` returns one image's
+bytes in a worker.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from prep.errors import SourceError
 
@@ -37,6 +39,34 @@ class Reject:
     reason: str
 
 
+class SourceReader(Protocol):
+    """How the shard job reads a layout's images. Pickled to each worker, so it holds no open
+    file (or drops it in ``__getstate__``)."""
+
+    def read(self, key: str, max_bytes: int) -> bytes:
+        """The bytes of image ``key`` (a key of the scan); ``BadImage`` if it cannot be read or
+        is larger than ``max_bytes`` (refused before it is read whole)."""
+
+    def unit(self, key: str) -> str | None:
+        """The unit read together with ``key`` (a parquet row group), which the plan keeps in
+        one or two shards; None: images are read one by one."""
+
+    def prepare(self, journal: Path, workers: int, progress: bool) -> None:
+        """Work before any image is read, under the output folder's lock (gzip'd tars are
+        decompressed into ``journal``, removed when the run completes)."""
+
+
+class ReadsImagesAlone:
+    """The ``unit`` and ``prepare`` of a reader that reads each image by itself and needs no
+    preparation (a tree's files, a tar's members)."""
+
+    def unit(self, key: str) -> str | None:
+        return None
+
+    def prepare(self, journal: Path, workers: int, progress: bool) -> None:
+        return None
+
+
 @dataclass(frozen=True)
 class Dataset:
     """What a source holds: classes, and per split the (key, label) pairs sorted by key."""
@@ -45,7 +75,7 @@ class Dataset:
     classes: tuple[ClassInfo, ...]
     splits: dict[str, tuple[tuple[str, int], ...]]
     rejects: tuple[Reject, ...] = field(default=())
-    reader: object = None  # read(key, max_bytes) -> bytes; picklable
+    reader: SourceReader | None = None
 
 
 def make_classes(wnids, names: dict[str, str], where) -> tuple[ClassInfo, ...]:

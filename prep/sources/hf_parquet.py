@@ -71,6 +71,9 @@ class ParquetReader:
         file, group, _ = self._locate(key)
         return f"{file}#{group}"
 
+    def prepare(self, journal: Path, workers: int, progress: bool) -> None:
+        return None  # row groups are read in place
+
     def read(self, key: str, max_bytes: int) -> bytes:
         file, group, offset = self._locate(key)
         value = self._row_group(file, group)[offset]

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from prep.errors import BadImage, SourceError
-from prep.sources.common import Reject, file_too_large, is_image_name, is_utf8, not_an_image, open_regular, printable
+from prep.sources.common import ReadsImagesAlone, Reject, file_too_large, is_image_name, is_utf8, not_an_image, open_regular, printable
 
 DUPLICATE = "duplicate member name: a later member of the same name replaces this one"
 NOT_REGULAR = "not a regular file (link, device or sparse file)"
 
 
 @dataclass(frozen=True)
-class ArchiveReader:
+class ArchiveReader(ReadsImagesAlone):
     """Reads one image from its tar by the offset the scan recorded; picklable."""
 
     archives: dict  # archive name -> absolute path of the (uncompressed) tar

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prep.errors import BadImage, SourceError
-from prep.sources.common import (Dataset, Reject, file_too_large, is_image_name, is_utf8, label_flat_files,
+from prep.sources.common import (Dataset, ReadsImagesAlone, Reject, file_too_large, is_image_name, is_utf8, label_flat_files,
                                  make_classes, not_an_image, open_regular, printable, read_class_names, read_val_labels)
 
 NOT_REGULAR = "not a regular file (device, pipe, socket or broken link)"
 
 
 @dataclass(frozen=True)
-class TreeReader:
+class TreeReader(ReadsImagesAlone):
     """Reads the bytes of one image of an extracted tree; picklable, so workers get their own."""
 
     root: str
