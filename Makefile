@@ -15,7 +15,7 @@ TORCH_INDEX ?=
 DEMO_ARGS   ?=
 BIN         := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-peers clean
 
 demo: $(VENV)/.ready
 	$(BIN)/python -m tools.demo $(DEMO_ARGS)
@@ -28,6 +28,12 @@ bench: $(VENV)/.ready
 	$(BIN)/python -m tools.bench_shard
 	$(BIN)/python -m tools.bench_stats
 	$(BIN)/python -m tools.bench_loader
+
+# FFCV and SPDL are installed by hand first (their system libraries: tools/bench_peers.py);
+# a peer that is missing is skipped with a line saying how to install it.
+bench-peers: $(VENV)/.ready
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python -m tools.bench_peers
 
 $(VENV)/.ready: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
