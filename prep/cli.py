@@ -35,7 +35,7 @@ def main():
 
 
 @main.command()
-@click.argument("src", type=FolderOrFile(path_type=Path))
+@click.argument("src", type=FolderOrFile(path_type=Path, urls=True))
 @click.option("--out", type=FolderOrFile(file_okay=False, path_type=Path, urls=True), envvar=SHARDS_ENV,
               default=DEFAULT_SHARDS, show_default=True, show_envvar=True,
               help="Output folder, or a URL (s3://bucket/prefix: written in the local cache folder "
@@ -84,6 +84,8 @@ def shard(src, out, size, policy, max_aspect, encoding, quality, shard_size, see
       SRC/*-train-*.tar and SRC/*-validation-*.tar (webdataset: KEY.jpg + KEY.cls)
       SRC/train_images_N.tar.gz and val_images.tar.gz (Hugging Face's ImageNet archives:
           decompressed once into OUT/.partial, which needs their size free meanwhile)
+      s3://bucket/prefix holding the first two layouts (an extracted tree: listed once, each
+          image read with one request; pip install 'imgprep[cloud]')
     Class names come from SRC/LOC_synset_mapping.txt, synset_words.txt or words.txt (or the
     devkit) if present.
 

@@ -397,3 +397,42 @@ def test_a_run_at_a_url_is_uploaded_preempted_and_resumed_from_the_bucket_alone(
     assert evaluated.returncode == 0 and "val top-1" in evaluated.stdout, evaluated.stderr
     missing, _ = run_command([sys.executable, "-m", "train", "eval", url + "/nothing.pt"], env=env)
     assert missing.returncode == 1 and f"no checkpoint at {url}/nothing.pt" in missing.stderr, missing.stderr
+
+
+def test_shard_from_a_tree_in_a_bucket_makes_the_shards_of_the_tree_on_disk(s3_server, fake_src, tmp_path):
+    import shutil
+
+    from helpers import shard_hashes
+
+    tree = tmp_path / "tree"
+    shutil.copytree(fake_src, tree)
+    (tree / "train" / "stray.JPEG").write_bytes((tree / "train" / "n01440764" / "grey.JPEG").read_bytes())
+    (tree / "train" / ".ipynb_checkpoints").mkdir()
+    (tree / "train" / ".ipynb_checkpoints" / "copy.JPEG").write_bytes(b"never read")
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("imgprep-src")
+    fs.put(str(tree), "imgprep-src/imagenet", recursive=True)
+    args = ["--size", "32", "--shard-size", "8", "--quiet"]
+    from_disk = run_cli(["shard", str(tree), "--out", str(tmp_path / "disk"), *args])
+    assert from_disk.exit_code == 0, from_disk.output
+    from_bucket = run_cli(["shard", "s3://imgprep-src/imagenet", "--out", str(tmp_path / "bucket"), *args])
+    assert from_bucket.exit_code == 0, from_bucket.output
+    disk, bucket = shard_hashes(tmp_path / "disk"), shard_hashes(tmp_path / "bucket")
+    assert disk and bucket == disk
+
+    def rejects(folder):
+        return sorted((r["split"], r["path"], r["reason"]) for r in map(json.loads, (folder / "rejects.jsonl")
+                                                                         .read_text().splitlines()))
+    assert rejects(tmp_path / "bucket") == rejects(tmp_path / "disk")
+    assert ("train", "train/stray.JPEG", "not inside a class folder") in rejects(tmp_path / "bucket")
+    missing = run_cli(["shard", "s3://imgprep-src/nothing-here", "--out", str(tmp_path / "none"), *args])
+    assert missing.exit_code == 1 and "has no train/ folder" in missing.output
+    from prep.job import run_shard_job
+    from prep.plan import ShardOptions
+    from prep.sources import scan_source
+
+    dataset = scan_source("s3://imgprep-src/imagenet")
+    fs.rm_file("imgprep-src/imagenet/train/n01440764/grey.JPEG")  # gone between the scan and the read
+    run_shard_job(dataset, tmp_path / "later", ShardOptions(size=32, shard_size=8), workers=1, progress=False)
+    assert ("train", "train/n01440764/grey.JPEG", "no longer in the bucket (removed after the scan)") in rejects(
+        tmp_path / "later")

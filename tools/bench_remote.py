@@ -6,7 +6,8 @@ shards on disk, in one run. The bucket is moto's S3 server on 127.0.0.1 (``pip i
 
 Rows: local shards; the bucket with a cold cache (every file downloaded, sha256-checked); the
 same with the cache warm; and a cache of a quarter of the data, where training reads in
-shard-window order: bytes downloaded per epoch (all processes) and img/s.
+shard-window order: bytes downloaded per epoch (all processes) and img/s. A second table times
+``imgprep shard`` of the same JPEG tree disk to disk, bucket to disk and bucket to bucket.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ from tools.benchkit import report
 
 def imgprep(*args) -> None:
     subprocess.run([sys.executable, "-m", "prep.cli", *map(str, args)], check=True)
+
+
+def shard_rate(src, out, images: int, size: int, workers: int) -> float:
+    """img/s of ``imgprep shard SRC --out OUT`` as a command (start-up and scan included)."""
+    start = time.perf_counter()
+    imgprep("shard", src, "--out", out, "--size", size, "--shard-size", 32, "--workers", workers, "--quiet")
+    return images / (time.perf_counter() - start)
 
 
 def epoch_rate(loader, epoch: int) -> float:
@@ -96,6 +104,13 @@ def main(images, size, workers, markdown):
                  f"files, {total / 2**20:.1f} MiB; DALI on the CPU, {workers} workers, batch 64", "",
                  "| path | img/s | vs local | MiB downloaded in the epoch |", "|---|---|---|---|"]
         table += [f"| {name} | {rate:,.0f} | {rate / local:.2f} | {got / 2**20:.1f} |" for name, rate, got in rows]
+        fs.put(str(src), "bench/src", recursive=True)
+        fs.mkdir("bench-out")
+        sharded = [("disk to disk", shard_rate(src, work / "again", images, size, workers)),
+                   ("bucket to disk", shard_rate("s3://bench/src", work / "from-bucket", images, size, workers)),
+                   ("bucket to bucket", shard_rate("s3://bench/src", "s3://bench-out/shards", images, size, workers))]
+        table += ["", f"| `imgprep shard` of the {images:,} JPEGs, {workers} workers | img/s | vs disk |", "|---|---|---|"]
+        table += [f"| {name} | {rate:,.0f} | {rate / sharded[0][1]:.2f} |" for name, rate in sharded]
         report("\n".join(table), markdown)
     finally:
         server.terminate()

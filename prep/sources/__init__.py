@@ -3,7 +3,8 @@
 Each layout is one module with a ``detect(root) -> bool`` test and a ``scan(root, val_labels)``
 that returns a ``Dataset`` without opening an image (``prep.sources.common``). ``scan_source``
 tries them in the order of ``LAYOUTS``; a folder that matches none is read as a plain tree,
-whose scan says what it expected. A new layout is a module and a line here.
+whose scan says what it expected. A new layout is a module and a line here. A URL is read as
+an extracted tree in a bucket (``bucket_tree``); the other layouts are on disk only, for now.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from prep.remote import as_url, is_url
 from prep.sources import hf_archives, hf_parquet, ilsvrc, tree, webdataset
 from prep.sources.common import SPLITS, ClassInfo, Dataset, Reject, read_val_labels
 from prep.sources.tree import TreeReader, scan_tree
@@ -28,7 +30,12 @@ __all__ = ["SPLITS", "ClassInfo", "Dataset", "Reject", "TreeReader", "read_val_l
 
 
 def scan_source(root: str | os.PathLike, val_labels: str | os.PathLike | None = None) -> Dataset:
-    """The dataset at ``root`` in whichever layout it has (see ``LAYOUTS``), else a plain tree."""
+    """The dataset at ``root`` in whichever layout it has (see ``LAYOUTS``), else a plain tree;
+    at a URL (s3://bucket/prefix), an extracted tree in the bucket (``bucket_tree``)."""
+    if is_url(root):
+        from prep.sources.bucket_tree import scan_bucket_tree
+
+        return scan_bucket_tree(as_url(root), val_labels)
     root = Path(root).expanduser()
     for _, detect, scan in LAYOUTS:
         if detect(root):

@@ -137,13 +137,18 @@ def read_class_names(root: Path) -> dict[str, str]:
     for name in NAME_FILES:
         path = root / name
         if path.is_file():
-            names = {}
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-                parts = line.strip().split(None, 1)
-                if parts:
-                    names[parts[0]] = parts[1].strip() if len(parts) > 1 else ""
-            return names
+            return parse_class_names(path.read_text(encoding="utf-8", errors="replace"))
     return {}
+
+
+def parse_class_names(text: str) -> dict[str, str]:
+    """wnid -> name from a synset file's lines 'wnid name, other name'."""
+    names = {}
+    for line in text.splitlines():
+        parts = line.strip().split(None, 1)
+        if parts:
+            names[parts[0]] = parts[1].strip() if len(parts) > 1 else ""
+    return names
 
 
 class ValLabels(dict):
@@ -203,6 +208,20 @@ def read_val_labels(path: str | os.PathLike) -> ValLabels:
         if len(wnids) == 1 and stem not in given:
             labels.setdefault(stem, wnids[0])
     return labels
+
+
+def class_items(split: str, folder: str, keys, label: int | None, rejects: list[Reject]) -> list[tuple[str, int]]:
+    """(key, label) of the image files ``keys`` of class folder ``folder`` (label None: a folder
+    that is no class of train/); the other keys become rejects saying why."""
+    items = []
+    for key in keys:
+        if not is_image_name(key):
+            rejects.append(Reject(split, key, not_an_image(key)))
+        elif label is None:
+            rejects.append(Reject(split, key, f"class folder '{folder}' is not in train/"))
+        else:
+            items.append((key, label))
+    return items
 
 
 def label_flat_files(split: str, found: dict, classes: tuple[ClassInfo, ...], rejects: list[Reject],

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prep.errors import BadImage, SourceError
-from prep.sources.common import (Dataset, ReadsImagesAlone, Reject, file_too_large, is_image_name, is_utf8, label_flat_files,
+from prep.sources.common import (Dataset, class_items, ReadsImagesAlone, Reject, file_too_large, is_image_name, is_utf8, label_flat_files,
                                  make_classes, not_an_image, open_regular, printable, read_class_names, read_val_labels)
 
 NOT_REGULAR = "not a regular file (device, pipe, socket or broken link)"
@@ -217,14 +217,7 @@ def _scan_class_folders(root: Path, split: str, folders: dict[str, Path], index:
                         rejects: list[Reject]):
     items = []
     for name, folder in sorted(folders.items()):
-        label = index.get(name)
-        for key in _walk_files(folder, root, split, rejects):
-            if not is_image_name(key):
-                rejects.append(Reject(split, key, not_an_image(key)))
-            elif label is None:
-                rejects.append(Reject(split, key, f"class folder '{name}' is not in train/"))
-            else:
-                items.append((key, label))
+        items += class_items(split, name, _walk_files(folder, root, split, rejects), index.get(name), rejects)
     return tuple(items)
 
 
