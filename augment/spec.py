@@ -47,7 +47,7 @@ class AugmentSpec:
     mode: str = "train"
     crop: int = 224  # output side in pixels
     flip: float = 0.5  # probability of a horizontal mirror (train only)
-    lighting: float = 0.1  # std of the PCA-lighting alpha; 0 turns lighting off (train only)
+    lighting: float = 0.1  # std of the PCA-lighting alpha; 0 turns lighting off (train only: 0 in the other modes)
     normalize: str = "channel"  # "channel": (x - mean) / std per channel, from stats.json; "mean-image":
     #                             x - mean image (the paper; no division); "torchvision": (x - mean) / std
     #                             with torchvision's ImageNet constants, which its published weights
@@ -56,7 +56,7 @@ class AugmentSpec:
     layout: str = "NCHW"  # output layout of each image
     crop_mode: str = "paper"  # train window: "paper" (fixed size) or "random-resized"
     val_resize: int | None = None  # val, test10: shorter side resized to this before the central crop
-    #                                (None: the central crop of the stored image, no resize)
+    #                                (None: the central crop of the stored image, no resize; None in train)
 
     def __post_init__(self):
         for name, value, allowed in (("mode", self.mode, MODES), ("normalize", self.normalize, NORMALIZE),
@@ -72,6 +72,12 @@ class AugmentSpec:
             raise AugmentError(f"AugmentSpec lighting is a standard deviation from 0 to 10, got {self.lighting}")
         if self.val_resize is not None and self.val_resize < self.crop:
             raise AugmentError(f"AugmentSpec val_resize {self.val_resize} is smaller than the crop {self.crop}")
+        # Lighting is for training, val_resize for evaluation: the other mode's value is dropped
+        # here, the one place that rule is stated (a config holds both for all modes).
+        if self.random:
+            object.__setattr__(self, "val_resize", None)
+        else:
+            object.__setattr__(self, "lighting", 0.0)
         if self.resizes and self.normalize == "mean-image":
             raise AugmentError("mean-image normalisation goes with the paper's crops: resized windows (random-resized "
                                "crops, val_resize) cannot have the mean image cut to match (use --normalize channel)")
@@ -96,4 +102,4 @@ class AugmentSpec:
 
     @property
     def uses_lighting(self) -> bool:
-        return self.random and self.lighting > 0
+        return self.lighting > 0

@@ -152,12 +152,9 @@ class TrainConfig:
         return self.crop if self.max_res is None else self.max_res
 
     def augment_spec(self, mode: str = "train", layout: str = "NCHW") -> AugmentSpec:
-        """The loader's recipe for ``mode`` ("train", "val", "test10"): the RECIPE fields, less
-        what the other mode uses: lighting in training only, val_resize in evaluation only
-        (training sides come per epoch from ``res_at``)."""
-        values = {name: getattr(self, name) for name in RECIPE}
-        values.update({"val_resize": None} if mode == "train" else {"lighting": 0})
-        return AugmentSpec(mode=mode, layout=layout, **values)
+        """The loader's recipe for ``mode`` ("train", "val", "test10"): the RECIPE fields (the
+        spec keeps those of its mode; training sides come per epoch from ``res_at``)."""
+        return AugmentSpec(mode=mode, layout=layout, **{name: getattr(self, name) for name in RECIPE})
 
     def as_dict(self) -> dict:
         return asdict(self)
