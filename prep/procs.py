@@ -36,6 +36,15 @@ def process_stat(pid: int) -> ProcessStat | None:
         return None
 
 
+def command_line(pid: int) -> bytes | None:
+    """The arguments process ``pid`` was started with, NUL-separated; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def all_pids() -> list[int]:
     """Every process id /proc lists now."""
     try:

@@ -42,19 +42,20 @@ def shard_hashes(root: Path) -> dict:
 def living_members(group: int) -> list[str]:
     """'pid command' of the processes still running in process group ``group`` (zombies, which
     only wait for a parent to collect their exit status, do not count)."""
-    from prep.procs import all_pids, process_stat
+    return [f"{pid} " + command.replace(b"\0", b" ").decode(errors="replace")[:120]
+            for pid, stat, command in living_processes() if stat.group == group]
+
+
+def living_processes() -> list[tuple[int, object, bytes]]:
+    """(pid, prep.procs.ProcessStat, command line) of every process running now (zombies, which
+    only wait for a parent to collect their exit status, left out)."""
+    from prep.procs import all_pids, command_line, process_stat
 
     found = []
     for pid in all_pids():
-        stat = process_stat(pid)
-        if stat is None or stat.group != group or not stat.running:
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                command = f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
-        except OSError:
-            continue
-        found.append(f"{pid} {command}")
+        stat, command = process_stat(pid), command_line(pid)
+        if stat is not None and command is not None and stat.running:
+            found.append((pid, stat, command))
     return found
 
 

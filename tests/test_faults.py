@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import assert_group_ends, run_cli, run_command
+from helpers import assert_group_ends, living_processes, run_cli, run_command
 from tools.fake_imagenet import make_fake_imagenet
 
 pytestmark = pytest.mark.timeout(600)
@@ -516,18 +516,7 @@ def ranks_of(pid: int) -> list[int]:
     """The rank processes the launcher ``pid`` has started (multiprocessing's spawn children). Not
     any child: Python itself runs `uname -p` while the launcher imports its libraries, before it
     listens for SIGTERM, and a signal then ends it as it ends any program that is starting."""
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                spawned = b"spawn_main" in f.read()
-        except (OSError, ValueError):
-            continue
-        if parent == pid and spawned:
-            found.append(int(entry))
-    return found
+    return [child for child, stat, command in living_processes() if stat.parent == pid and b"spawn_main" in command]
 
 
 @pytest.mark.slow

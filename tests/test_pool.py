@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import living_processes
 from prep.errors import PrepError
 from prep.pool import WorkerDied, WorkerPool
 
@@ -30,19 +31,8 @@ def children() -> list[int]:
     """This process's living children, less multiprocessing's resource tracker: Python starts
     that helper once, the first time anything in the process spawns (an earlier test's DALI
     loader does), and keeps it to the end on purpose."""
-    me = os.getpid()
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                tracker = b"multiprocessing.resource_tracker" in f.read()
-        except OSError:
-            continue
-        if int(fields[1]) == me and fields[0] != "Z" and not tracker:
-            found.append(int(entry))
-    return found
+    return [pid for pid, stat, command in living_processes()
+            if stat.parent == os.getpid() and b"multiprocessing.resource_tracker" not in command]
 
 
 def test_results_are_every_task_once():
