@@ -93,6 +93,7 @@ class Loader:
         self._received = 0  # ... how many batches of it this process has taken ...
         self._generation = 0  # ... and the table row the batches it yields must come from
         self._stop_stream = None  # the finalizer that stops it
+        self._prefetch = None  # for shards at a URL: downloads ahead of the batches (augment.prefetch)
 
     def __len__(self) -> int:
         return self.plan.per_epoch
@@ -151,10 +152,13 @@ class Loader:
         if self.position >= len(self):  # a finished epoch iterated again repeats it (as torch's samplers do)
             self.position = 0
         self._move_stream(self.epoch, self.position, self.res)
+        self._follow_with_prefetch()
         for _ in range(len(self) - self.position):
             delivered = self._next_from_stream()
             count = self.plan.count(self.position)
             self.position += 1
+            if self._prefetch is not None:
+                self._prefetch.consumed(self.position)
             images, labels = delivered.images, delivered.labels
             if count < len(labels):  # the repeated samples of a short last evaluation batch
                 images, labels = images[:count], labels[:count]
@@ -197,9 +201,26 @@ class Loader:
                 return
         self._start_stream(epoch, position, res)
 
+    def _follow_with_prefetch(self) -> None:
+        """Shards at a URL: download the files of the batches to come ahead of the workers. The
+        threads start after the workers (a fork copies no thread) and stop before a new stream."""
+        if self.reader.cache is None:
+            return
+        if self._prefetch is None:
+            from augment.prefetch import AHEAD, ShardPrefetch
+
+            self._prefetch = ShardPrefetch(self.reader, self.plan, self.window or AHEAD)
+        self._prefetch.follow(self.epoch, self.position)
+
+    def _stop_prefetch(self) -> None:
+        prefetch, self._prefetch = self._prefetch, None
+        if prefetch is not None:
+            prefetch.close()
+
     def close(self) -> None:
         """Stop the stream's worker processes (and DALI's pipeline) now; safe to call twice.
         A later iteration starts a new stream."""
+        self._stop_prefetch()
         stop, self._stop_stream, self._stream, self._table = self._stop_stream, None, None, None
         if stop is not None:
             _running_streams.discard(stop)

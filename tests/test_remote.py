@@ -122,6 +122,22 @@ def test_a_loader_over_a_bucket_yields_the_local_loaders_batches(bucket, small_s
     assert cached == sorted(p.name for p in small_shards.rglob("train/*.h5"))
 
 
+def test_the_next_windows_files_are_downloaded_while_this_window_is_read(bucket, tmp_path):
+    from augment import AugmentSpec, Loader
+
+    # Windows of 4 shards of 4 images: 4 batches of 4 a window. The torch backend's one worker
+    # runs at most 3 batches ahead, so it never reaches the second window while batch 0 is held.
+    with Loader(bucket, batch_size=4, spec=AugmentSpec(crop=24, lighting=0.0), backend="torch", device="cpu",
+                workers=1, seed=3, cache=tmp_path / "cache", window=4) as loader:
+        loader.set_epoch(0)
+        first = next(iter(loader))
+        assert len(first[1]) == 4
+        deadline = time.monotonic() + 30
+        while len(list((tmp_path / "cache").rglob("train/*.h5"))) < 8:  # this window's 4 and the next 4
+            assert time.monotonic() < deadline, "the next window was not prefetched"
+            time.sleep(0.05)
+
+
 def test_a_cache_of_a_quarter_of_the_data_stays_under_its_limit_in_shard_window_order(bucket, small_shards,
                                                                                        tmp_path):
     from augment import AugmentSpec, Loader
