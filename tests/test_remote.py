@@ -452,3 +452,36 @@ def test_shard_from_a_tree_in_a_bucket_makes_the_shards_of_the_tree_on_disk(s3_s
     run_shard_job(dataset, tmp_path / "later", ShardOptions(size=32, shard_size=8), workers=1, progress=False)
     assert ("train", "train/n01440764/grey.JPEG", "no longer in the bucket (removed after the scan)") in rejects(
         tmp_path / "later")
+
+
+def test_a_shard_job_killed_mid_upload_leaves_no_manifest_and_its_rerun_completes_the_bucket(s3_server, fake_src,
+                                                                                            tmp_path):
+    import signal
+
+    from helpers import assert_group_ends, shard_hashes
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("imgprep-kill")
+    url = "s3://imgprep-kill/run"
+    args = ["shard", str(fake_src), "--size", "32", "--shard-size", "1", "--quiet"]  # ~80 objects: a long upload
+    process = subprocess.Popen([sys.executable, "-m", "prep.cli", *args, "--out", url], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not fs.exists("imgprep-kill/run/.imgprep-uploaded.json"):  # the first shard is up
+        assert process.poll() is None and time.monotonic() < deadline, "the upload never started"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert_group_ends(process.pid)
+    fs.invalidate_cache()
+    assert not fs.exists("imgprep-kill/run/manifest.json"), "the kill came too late to test anything"
+    rerun = run_cli([*args, "--out", url])
+    assert rerun.exit_code == 0 and "were there already" in rerun.output, rerun.output
+    assert run_cli([*args, "--out", str(tmp_path / "disk")]).exit_code == 0
+    expected = shard_hashes(tmp_path / "disk")
+    import hashlib
+
+    got = {key.split("imgprep-kill/run/", 1)[1]: hashlib.sha256(fs.cat_file(key)).hexdigest()
+           for key in fs.find("imgprep-kill/run") if key.endswith(".h5")}
+    assert got == expected
+    assert fs.cat_file("imgprep-kill/run/manifest.json") == (tmp_path / "disk" / "manifest.json").read_bytes()
