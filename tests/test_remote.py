@@ -485,3 +485,23 @@ def test_a_shard_job_killed_mid_upload_leaves_no_manifest_and_its_rerun_complete
            for key in fs.find("imgprep-kill/run") if key.endswith(".h5")}
     assert got == expected
     assert fs.cat_file("imgprep-kill/run/manifest.json") == (tmp_path / "disk" / "manifest.json").read_bytes()
+
+
+def test_shard_from_parquet_files_in_a_bucket_reads_them_in_place_to_the_shards_of_the_files_on_disk(
+        s3_server, flat_tree, tmp_path):
+    from helpers import shard_hashes
+    from tools.source_layouts import hf_parquet
+
+    src = hf_parquet(flat_tree, tmp_path / "hf", rows_per_group=4, files=3, test_rows=2)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("imgprep-hf")
+    fs.put(str(src), "imgprep-hf/imagenet-1k", recursive=True)
+    args = ["--size", "32", "--shard-size", "5", "--workers", "2", "--quiet"]
+    from_disk = run_cli(["shard", str(src), "--out", str(tmp_path / "disk"), *args])
+    assert from_disk.exit_code == 0, from_disk.output
+    from_bucket = run_cli(["shard", "s3://imgprep-hf/imagenet-1k", "--out", str(tmp_path / "bucket"), *args])
+    assert from_bucket.exit_code == 0, from_bucket.output
+    assert shard_hashes(tmp_path / "bucket") == shard_hashes(tmp_path / "disk") != {}
+    manifest = json.loads((tmp_path / "bucket" / "manifest.json").read_text())
+    assert manifest["source"] == "s3://imgprep-hf/imagenet-1k"
+    assert not any(p.suffix == ".parquet" for p in (tmp_path / "bucket").rglob("*"))  # read in place, not staged

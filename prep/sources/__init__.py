@@ -3,8 +3,9 @@
 Each layout is one module with a ``detect(root) -> bool`` test and a ``scan(root, val_labels)``
 that returns a ``Dataset`` without opening an image (``prep.sources.common``). ``scan_source``
 tries them in the order of ``LAYOUTS``; a folder that matches none is read as a plain tree,
-whose scan says what it expected. A new layout is a module and a line here. A URL is read as
-an extracted tree in a bucket (``bucket_tree``); the other layouts are on disk only, for now.
+whose scan says what it expected. A new layout is a module and a line here. At a URL the
+parquet layout is read by range requests and a tree by ``bucket_tree``; the archive layouts
+are read from disk only, for now.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prep.remote import as_url, is_url
+from prep.remote import Remote, as_url, is_url
 from prep.sources import hf_archives, hf_parquet, ilsvrc, tree, webdataset
 from prep.sources.common import SPLITS, ClassInfo, Dataset, Reject, read_val_labels
 from prep.sources.tree import TreeReader, scan_tree
@@ -31,11 +32,14 @@ __all__ = ["SPLITS", "ClassInfo", "Dataset", "Reject", "TreeReader", "read_val_l
 
 def scan_source(root: str | os.PathLike, val_labels: str | os.PathLike | None = None) -> Dataset:
     """The dataset at ``root`` in whichever layout it has (see ``LAYOUTS``), else a plain tree;
-    at a URL (s3://bucket/prefix), an extracted tree in the bucket (``bucket_tree``)."""
+    at a URL (s3://bucket/prefix): Hugging Face parquet files, else an extracted tree."""
     if is_url(root):
         from prep.sources.bucket_tree import scan_bucket_tree
 
-        return scan_bucket_tree(as_url(root), val_labels)
+        url = as_url(root)
+        Remote(url).check_reachable()
+        return hf_parquet.scan_parquet(url, val_labels) if hf_parquet.is_hf_parquet(url) else \
+            scan_bucket_tree(url, val_labels)
     root = Path(root).expanduser()
     for _, detect, scan in LAYOUTS:
         if detect(root):

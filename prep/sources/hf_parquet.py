@@ -22,6 +22,11 @@ Keys are ``<file relative to SRC>/<row number in the file, 8 digits>``, for exam
 find the row again. A scan reads the footers and the label column only. Rows without a usable
 label are rejects then; rows whose image bytes are missing or undecodable become rejects when a
 worker reads them.
+
+SRC may be a URL (``s3://bucket/imagenet-1k``, the same files in a bucket): the scan lists the
+folder once and reads footers and label columns by range requests of SCAN_BLOCK bytes, a worker
+reads its row group's image column the same way in blocks of READ_BLOCK; nothing is downloaded
+whole, and the shards are those of the same files on disk.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from prep.errors import BadImage, SourceError
+from prep.remote import Remote, is_url
 from prep.sources.common import MAX_CLASSES, ClassInfo, Dataset, Reject
 from prep.sources.imagenet1k import numbered_classes
 
@@ -43,6 +49,53 @@ FILE_NAME = re.compile(r"(train|validation|test)-(\d{5,})-of-(\d{5,})(-[0-9a-f]+
 SPLIT_OF = {"train": "train", "validation": "val", "test": "test"}  # file name -> our split
 IMAGE_BYTES = "image.bytes"  # the one column a worker reads: labels and paths stay on disk
 UNLABELLED = -1  # datasets' mark for an unknown label (every row of ImageNet's test split)
+SCAN_BLOCK = 1 << 18  # bytes a range request of the scan reads: a footer, a label column chunk
+READ_BLOCK = 1 << 22  # bytes a range request of a worker reads: a row group's images come in a few
+
+
+class Place:
+    """Where the parquet files are: a folder, or a URL read by range requests. Picklable (a
+    path or URL; a URL's client is made in each process)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.remote = Remote(root) if is_url(root) else None
+
+    def __str__(self) -> str:
+        return self.root
+
+    def path(self, rel: str) -> str:
+        """File ``rel`` as messages name it (and as pyarrow opens a local one)."""
+        return f"{self.root}/{rel}" if self.remote else os.path.join(self.root, rel)
+
+    def names(self, folder: str) -> list[str] | None:
+        """The names directly in ``folder`` ('' the root), sorted; None if there is no such folder."""
+        if self.remote is None:
+            try:
+                return sorted(entry.name for entry in os.scandir(os.path.join(self.root, folder)))
+            except OSError:  # not a folder, or unreadable: the tree's scan says so
+                return None
+        prefix = f"{folder}/" if folder else ""
+        found = sorted(name[len(prefix):] for name in self._listing() if name.startswith(prefix)
+                       and "/" not in name[len(prefix):])
+        return found or None
+
+    def is_file(self, rel: str) -> bool:
+        return rel in self._listing() if self.remote else os.path.isfile(os.path.join(self.root, rel))
+
+    def _listing(self) -> dict[str, int]:
+        if getattr(self, "_listed", None) is None:
+            self._listed = self.remote.listing()  # one listing of the whole folder, for the scan
+        return self._listed
+
+    def open(self, rel: str, block: int):
+        """What pq.ParquetFile reads ``rel`` from: the path, or a file of range requests."""
+        if self.remote is None:
+            return self.path(rel)
+        return self.remote.fs.open(self.path(rel), "rb", block_size=block, cache_type="readahead")
+
+    def __getstate__(self):
+        return {"root": self.root, "remote": self.remote}
 
 
 class ParquetReader:
@@ -58,6 +111,7 @@ class ParquetReader:
 
     def __init__(self, root: str, groups: dict):
         self.root, self.groups = root, groups
+        self.place = Place(root)
         self._held = None  # ((file, group), its image bytes column, or why it cannot be read)
 
     def __getstate__(self):
@@ -113,7 +167,7 @@ class ParquetReader:
         starts = self.groups[file]
         where = f"row group {group} of {file}"
         try:
-            with pq.ParquetFile(os.path.join(self.root, file)) as parquet:
+            with pq.ParquetFile(self.place.open(file, READ_BLOCK)) as parquet:
                 metadata = parquet.metadata
                 if (metadata.num_row_groups != len(starts) - 1
                         or metadata.row_group(group).num_rows != starts[group + 1] - starts[group]):
@@ -136,30 +190,31 @@ def _first_line(error: Exception) -> str:
 # ----------------------------------------------------------------------------- scan
 
 
-def is_hf_parquet(root: Path) -> bool:
+def is_hf_parquet(root) -> bool:
     """Split files named as ``datasets`` names them, and no train/ folder: an ordinary tree has
-    a train/ folder and no train-00000-of-00001.parquet."""
-    return not (root / "train").is_dir() and _parquet_folder(root) is not None
+    a train/ folder and no train-00000-of-00001.parquet. ``root``: a folder, or a URL."""
+    place = Place(str(root))
+    return place.names("train") is None and _parquet_folder(place) is not None
 
 
-def _parquet_folder(root: Path) -> Path | None:
-    """SRC/data when it holds split files, else SRC when it does, else None."""
-    for folder in (root / "data", root):
-        try:
-            if any(FILE_NAME.fullmatch(entry.name) and entry.is_file() for entry in os.scandir(folder)):
-                return folder
-        except OSError:  # not a folder, or unreadable: the tree's scan says so
-            continue
+def _parquet_folder(place: Place) -> str | None:
+    """"data" (SRC/data) when it holds split files, else "" (SRC) when it does, else None."""
+    for folder in ("data", ""):
+        names = place.names(folder) or []
+        if any(FILE_NAME.fullmatch(name) and place.is_file(f"{folder}/{name}".lstrip("/")) for name in names):
+            return folder
     return None
 
 
-def scan_parquet(root: Path, val_labels=None) -> Dataset:
-    root = Path(root).expanduser().resolve()
+def scan_parquet(root, val_labels=None) -> Dataset:
+    """``root``: a folder, or a URL."""
+    root = str(root) if is_url(str(root)) else str(Path(root).expanduser().resolve())
+    place = Place(root)
     if val_labels is not None:
         raise SourceError(f"--val-labels does not apply to {root}: its parquet files hold their own labels")
     rejects: list[Reject] = []
-    files = _split_files(_parquet_folder(root), root, rejects)
-    scans = {rel: _scan_file(root, rel) for rels in files.values() for rel in rels}
+    files = _split_files(place, _parquet_folder(place), rejects)
+    scans = {rel: _scan_file(place, rel) for rels in files.values() for rel in rels}
     labelled = {split: rels for split, rels in files.items() if split != "test"}
     classes = _classes(scans, labelled, root)
     if "test" in files:
@@ -168,10 +223,10 @@ def scan_parquet(root: Path, val_labels=None) -> Dataset:
     if not any(splits.values()):
         raise SourceError(f"{root} has no train or validation rows with a usable label")
     groups = {rel: scans[rel].starts for rels in labelled.values() for rel in rels}
-    return Dataset(str(root), classes, splits, tuple(rejects), ParquetReader(str(root), groups))
+    return Dataset(root, classes, splits, tuple(rejects), ParquetReader(root, groups))
 
 
-def _split_files(folder: Path, root: Path, rejects: list[Reject]) -> dict[str, list[str]]:
+def _split_files(place: Place, folder: str, rejects: list[Reject]) -> dict[str, list[str]]:
     """Split -> its files relative to ``root`` in index order; each split must be complete.
 
     Other ``.parquet`` files in the folder are rejects (never read): skipping a file of images
@@ -179,18 +234,19 @@ def _split_files(folder: Path, root: Path, rejects: list[Reject]) -> dict[str, l
     """
     named: dict[str, dict[int, list[str]]] = {}  # split word of the names -> index -> files
     counts: dict[str, set[int]] = {}
-    for name in sorted(entry.name for entry in os.scandir(folder)):
-        rel = (folder / name).relative_to(root).as_posix()
+    for name in place.names(folder):
+        rel = f"{folder}/{name}" if folder else name
         match = FILE_NAME.fullmatch(name)
         if match:
             named.setdefault(match[1], {}).setdefault(int(match[2]), []).append(rel)
             counts.setdefault(match[1], set()).add(int(match[3]))
         elif name.endswith(".parquet"):
             rejects.append(Reject("train", rel, "not a split file (train-00000-of-00001.parquet ...); not read"))
-    return {SPLIT_OF[word]: _complete_split(folder, word, indices, counts[word]) for word, indices in named.items()}
+    where = place.path(folder) if folder else str(place)
+    return {SPLIT_OF[word]: _complete_split(where, word, indices, counts[word]) for word, indices in named.items()}
 
 
-def _complete_split(folder: Path, word: str, indices: dict[int, list[str]], counts: set[int]) -> list[str]:
+def _complete_split(folder: str, word: str, indices: dict[int, list[str]], counts: set[int]) -> list[str]:
     """The files of one split in index order, when it has each of its -of-NNNNN files exactly once."""
     if len(counts) > 1:
         sets = " and ".join(f"-of-{c:05d}" for c in sorted(counts))
@@ -215,13 +271,13 @@ class FileScan(NamedTuple):
     names: tuple[str, ...] | None  # the ClassLabel names; None for a plain integer label
 
 
-def _scan_file(root: Path, rel: str) -> FileScan:
+def _scan_file(place: Place, rel: str) -> FileScan:
     import pyarrow
     import pyarrow.parquet as pq
 
-    path = root / rel
+    path = place.path(rel)
     try:
-        with pq.ParquetFile(path) as parquet:
+        with pq.ParquetFile(place.open(rel, SCAN_BLOCK)) as parquet:
             schema = parquet.schema_arrow
             _check_columns(schema, path)
             sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
@@ -231,7 +287,7 @@ def _scan_file(root: Path, rel: str) -> FileScan:
     return FileScan(tuple(itertools.accumulate(sizes, initial=0)), labels, _class_names(schema, path))
 
 
-def _check_columns(schema, path: Path) -> None:
+def _check_columns(schema, path: str) -> None:
     """An ``image`` struct with binary ``bytes`` (the Image feature) and an integer ``label``."""
     import pyarrow as pa
 
@@ -243,7 +299,7 @@ def _check_columns(schema, path: Path) -> None:
         raise SourceError(f"{path} has no integer 'label' column")
 
 
-def _class_names(schema, path: Path) -> tuple[str, ...] | None:
+def _class_names(schema, path: str) -> tuple[str, ...] | None:
     """The names of the ClassLabel feature of ``label`` in the ``huggingface`` schema metadata,
     or None for a plain integer label (or a file that ``datasets`` did not write)."""
     raw = (schema.metadata or {}).get(b"huggingface")
@@ -268,13 +324,13 @@ def _class_names(schema, path: Path) -> tuple[str, ...] | None:
     return tuple(str(name) for name in names)
 
 
-def _classes(scans: dict[str, FileScan], labelled: dict[str, list[str]], root: Path) -> tuple[ClassInfo, ...]:
+def _classes(scans: dict[str, FileScan], labelled: dict[str, list[str]], root: str) -> tuple[ClassInfo, ...]:
     """Classes in the dataset's own label order (not sorted by name as ``make_classes`` does: the
     labels in the files index the ClassLabel names as they stand)."""
     first = next(iter(scans))
     for rel, scan in scans.items():
         if scan.names != scans[first].names:
-            raise SourceError(f"{root / rel} has other classes than {root / first} (its ClassLabel differs): "
+            raise SourceError(f"{root}/{rel} has other classes than {root}/{first} (its ClassLabel differs): "
                               "are these files from one dataset?")
     names = scans[first].names
     if names is None:  # a plain integer label: as many classes as the largest label says
