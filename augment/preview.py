@@ -40,7 +40,7 @@ def make_preview(root, out, split: str = "train", images: int = 6, versions: int
         raise AugmentError(f"crop {crop} does not fit the {size} px shard images")
     spec = AugmentSpec(crop=crop, lighting=lighting, normalize="none", layout="NHWC",
                        crop_mode="paper" if shard_set.square else "random-resized")
-    colour = colour_stats(root, spec)
+    colour = colour_stats(shard_set.root, spec)  # a URL's statistics are in its cache folder
     chosen = np.sort(np.random.default_rng(seed).choice(len(reader), size=min(images, len(reader)), replace=False))
     sources = [reader[int(i)][0] for i in chosen]
     shapes = reader.shapes_of(chosen)

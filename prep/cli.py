@@ -218,7 +218,7 @@ def preview(shards, out, split, images, versions, lighting, seed, crop):
     """
     from augment.preview import make_preview
 
-    path, rows = make_preview(local_folder(shards_folder(shards)), out, split, images, versions, lighting, seed, crop)
+    path, rows = make_preview(shards_folder(shards), out, split, images, versions, lighting, seed, crop)
     click.echo(f"wrote {path} ({rows} images x {versions} augmented versions)")
 
 
@@ -271,17 +271,6 @@ def info(shards):
             example = next(r["path"] for r in rejects if r["reason"].split(":")[0] == reason)
             click.echo(f"{count:>8,}  {escaped(reason)}  (e.g. {escaped(example)})")
     click.echo(f"\nstats    {escaped(stats_state(root))}")
-
-
-def local_folder(root):
-    """``root`` if it is a local folder; a URL is one line (these commands read folders on disk)."""
-    if isinstance(root, str):
-        from prep.errors import PrepError
-
-        command = click.get_current_context().info_name
-        raise PrepError(f"imgprep {command} works on a folder on disk, not {root}: run it before uploading the "
-                        "shards (train run, imgprep info, verify and pca-stats read buckets)")
-    return root
 
 
 def stats_state(root: Path) -> str:

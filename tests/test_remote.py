@@ -303,6 +303,14 @@ def test_pca_stats_of_a_bucket_are_the_local_folders_and_are_uploaded(bucket, sm
     assert fs.cat_file("imgprep-test/nostats/stats-mean.npy") == (small_shards / "stats-mean.npy").read_bytes()
 
 
+def test_preview_of_a_bucket_draws_the_picture_of_the_folder_on_disk(bucket, small_shards, tmp_path):
+    local = run_cli(["preview", str(small_shards), "--out", str(tmp_path / "local.png"), "--images", "3"])
+    assert local.exit_code == 0, local.output
+    remote = run_cli(["preview", bucket, "--out", str(tmp_path / "remote.png"), "--images", "3"])
+    assert remote.exit_code == 0, remote.output
+    assert (tmp_path / "remote.png").read_bytes() == (tmp_path / "local.png").read_bytes()
+
+
 def test_a_server_stopped_mid_epoch_and_refused_credentials_are_one_line(bucket, small_shards, tmp_path, monkeypatch):
     from augment import AugmentSpec, Loader
     from prep.errors import ImgprepError
