@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli, shard_hashes
+from helpers import living_processes, run_cli, shard_hashes
 from tools.fake_imagenet import make_fake_imagenet
 
 ray = pytest.importorskip("ray")
@@ -47,14 +47,7 @@ def test_ray_engine_writes_the_local_engines_bytes_with_the_aspect_kept(local_ra
 
 def shard_task_workers() -> list[int]:
     """pids of Ray worker processes running a shard task now (Ray names them ray::<function>)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"ray::_shard_task" in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            pass
-    return pids
+    return [pid for pid, _, command in living_processes() if b"ray::_shard_task" in command]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray's workers through /proc")
