@@ -61,7 +61,8 @@ def main():
               help="Labels for a flat SRC/val: lines 'filename wnid', or a CSV with those two columns.")
 @click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
               help="local: a process pool of --workers. ray: the same tasks on a Ray cluster (pip install "
-                   "'imgprep[ray]'); every worker must see SRC and --out at the same paths.")
+                   "'imgprep[ray]'); every worker must see SRC at the same path, and --out too unless it is a URL "
+                   "(each worker then uploads its shards).")
 @click.option("--ray-address", help="Ray cluster to join ('auto': the running one; default: start a local one).")
 @click.option("--overwrite", is_flag=True,
               help="First delete what imgprep wrote in --out (shards, manifest, rejects, stats); "
@@ -118,23 +119,22 @@ def shard(src, out, size, policy, max_aspect, encoding, quality, shard_size, see
     url = out if isinstance(out, str) else None
     if url is not None:  # staged where a Loader on this machine will look for the URL's files
         from prep.cache import ShardCache
-        from prep.errors import PrepError
 
-        if engine == "ray":
-            raise PrepError("--engine ray writes to a folder every worker sees; a URL --out is local-engine only "
-                            "for now: shard to shared storage, or use the local engine")
         staging = ShardCache(url)
         staging.remote.check_reachable()
         out = staging.root
     with sigterm_as_interrupt():  # a scheduler's SIGTERM: stop workers, keep finished shards, say so
         summary = run_shard_job(dataset, out, options, workers, overwrite, progress=not quiet, engine=engine,
-                                ray_address=ray_address)
+                                ray_address=ray_address, upload_to=url if engine == "ray" else None)
         if url is not None:
             from prep.upload import upload_shards
 
             sent = upload_shards(out, url, progress=not quiet)
-            click.echo(f"uploaded {sent.files} shard files ({human_bytes(sent.bytes)}) to {escaped(url)}"
-                       + (f"; {sent.kept} were there already" if sent.kept else ""))
+            if engine == "ray":  # the workers uploaded the shards as they made them
+                click.echo(f"{summary.shards} shard files are in {escaped(url)}, uploaded by the Ray workers")
+            else:
+                click.echo(f"uploaded {sent.files} shard files ({human_bytes(sent.bytes)}) to {escaped(url)}"
+                           + (f"; {sent.kept} were there already" if sent.kept else ""))
     written = ", ".join(f"{n:,} {split}" for split, n in summary.counts.items())
     if summary.already_complete:
         click.echo(f"{escaped(out)} is already complete ({written} images); nothing to do")

@@ -101,10 +101,13 @@ def _advance(bar, now: int, seen: int) -> int:
 # ----------------------------------------------------------------------------- Ray
 
 
-def run_ray(pending, reader, out, options, workers: int, bar_spec, address: str | None = None):
+def run_ray(pending, reader, out, options, workers: int, bar_spec, address: str | None = None,
+            upload_to: str | None = None):
     """Yield the record of each pending task as Ray finishes it. Joins the Ray instance this
     process already has, else ``ray.init(address)`` (None starts a local one; "auto" finds a
-    running cluster). Ray schedules one task per CPU; ``workers`` does not apply."""
+    running cluster). Ray schedules one task per CPU; ``workers`` does not apply. ``upload_to``:
+    a bucket URL; each task then writes its shard on its own node's disk and uploads it there
+    (no shared folder needed; the nodes need the bucket's credentials in their environment)."""
     try:
         import ray
     except ImportError:
@@ -115,7 +118,7 @@ def run_ray(pending, reader, out, options, workers: int, bar_spec, address: str 
         return
     counter = _RayProgress.remote()
     reader_ref = ray.put(reader)  # once into the object store, not once per task
-    waiting = {_ray_task.remote(task, reader_ref, str(out), options, counter): task for task in pending}
+    waiting = {_ray_task.remote(task, reader_ref, str(out), options, counter, upload_to): task for task in pending}
     bar = progress_bar(bar_spec)
     seen = 0
     try:
@@ -160,8 +163,9 @@ class _Progress:
         return self.images
 
 
-def _shard_task(task, reader, out, options, counter) -> dict:
-    """One shard task on a Ray worker; reports progress every 16 images."""
+def _shard_task(task, reader, out, options, counter, upload_to=None) -> dict:
+    """One shard task on a Ray worker; reports progress every 16 images. With ``upload_to`` the
+    shard is built in a temporary folder of the worker's node and uploaded whole."""
     import torch
 
     torch.set_num_threads(1)
@@ -173,8 +177,30 @@ def _shard_task(task, reader, out, options, counter) -> dict:
             counter.add.remote(pending[0])
             pending[0] = 0
 
-    record = build_shard(task, reader, out, options, on_image=count)
+    if upload_to is None:
+        record = build_shard(task, reader, out, options, on_image=count)
+    else:
+        record = _build_and_upload(task, reader, options, count, upload_to)
     counter.add.remote(pending[0])
+    return record
+
+
+def _build_and_upload(task, reader, options, on_image, url: str) -> dict:
+    """``build_shard`` into a temporary folder, then its file uploaded to ``url`` as one object;
+    the record gains the file's size."""
+    import tempfile
+    from pathlib import Path
+
+    from prep.build import JOURNAL
+    from prep.remote import Remote
+
+    with tempfile.TemporaryDirectory(prefix="imgprep-ray-") as folder:
+        (Path(folder) / JOURNAL).mkdir()
+        record = build_shard(task, reader, Path(folder), options, on_image=on_image)
+        if record["file"]:
+            path = Path(folder) / record["file"]
+            Remote(url).upload(path, record["file"])
+            record["bytes"] = path.stat().st_size
     return record
 
 

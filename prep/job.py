@@ -48,32 +48,73 @@ class ShardSummary:
     already_complete: bool = False
 
 
+class ShardStore:
+    """Where the finished shard files are: the output folder, or the bucket at ``url`` when Ray
+    workers upload each shard themselves (``prep.engines``); then the output folder keeps the
+    journal and the manifest, and each record that comes back is entered in the bucket's upload
+    journal (``prep.upload``: this process is its one writer)."""
+
+    def __init__(self, out: Path, url: str | None = None):
+        self.out, self.url = out, url
+        self.remote = self.listing = self.uploaded = None
+        if url is not None:
+            from prep.remote import Remote
+            from prep.upload import uploaded_journal
+
+            self.remote = Remote(url)
+            self.listing, self.uploaded = self.remote.listing(), uploaded_journal(self.remote)
+
+    def has(self, file: str, sha256: str | None = None) -> bool:
+        if self.remote is None:
+            return (self.out / file).is_file()
+        return file in self.listing and (sha256 is None or self.uploaded.get(file) == sha256)
+
+    def size(self, file: str) -> int:
+        return self.listing[file] if self.remote is not None else (self.out / file).stat().st_size
+
+    def finished(self, record: dict) -> None:
+        """A task's record came back: keep it (Ray's workers wrote theirs on their own disks)."""
+        if self.remote is None:
+            return
+        from prep.upload import record_uploaded
+
+        atomic_write_text(record_path(self.out, ShardTask(record["split"], record["index"], ())), json.dumps(record))
+        if record["file"]:
+            self.listing[record["file"]] = record["bytes"]
+            record_uploaded(self.remote, self.uploaded, record["file"], record["sha256"])
+
+
 def run_shard_job(dataset: Dataset, out, options: ShardOptions, workers: int, overwrite: bool = False,
-                  progress: bool = True, engine: str = "local", ray_address: str | None = None) -> ShardSummary:
+                  progress: bool = True, engine: str = "local", ray_address: str | None = None,
+                  upload_to: str | None = None) -> ShardSummary:
     """Shard ``dataset`` into ``out``; ``engine`` "local" (a process pool of ``workers``) or
-    "ray" (the tasks on a Ray cluster, see ``prep.engines``) run the same plan."""
+    "ray" (the tasks on a Ray cluster, see ``prep.engines``) run the same plan. ``upload_to``
+    (Ray only): each worker uploads its shard there, and ``out`` keeps the journal and manifest."""
     started = time.perf_counter()
     out = Path(out).expanduser().absolute()
     tasks = make_plan(dataset, options)
     identity = {"source": dataset.root, "options": options.as_dict(), "plan_sha256": plan_fingerprint(tasks)}
     with locked_folder(out):
-        if not overwrite and _complete(out, identity):
-            return _summary(out, read_manifest(out), started, resumed=len(tasks), already_complete=True)
+        store = ShardStore(out, upload_to)
+        if not overwrite and _complete(out, identity, store):
+            return _summary(out, read_manifest(out), started, store, resumed=len(tasks), already_complete=True)
         _prepare_output(out, identity, overwrite)
-        done = _finished_records(out, tasks)
+        done = _finished_records(out, tasks, store)
         pending = [t for t in tasks if (t.split, t.index) not in done]
         if pending:  # a source's work before any task reads it: gzip'd tars decompressed into the journal
             dataset.reader.prepare(out / JOURNAL, workers, progress)
         total = sum(len(t.items) for t in tasks)
         bar_start = total - sum(len(t.items) for t in pending)
-        execute = run_local if engine == "local" else functools.partial(run_ray, address=ray_address)
+        execute = run_local if engine == "local" else functools.partial(run_ray, address=ray_address,
+                                                                        upload_to=upload_to)
         for record in execute(pending, dataset.reader, out, options, workers, (bar_start, total, progress)):
+            store.finished(record)
             done[(record["split"], record["index"])] = record
         manifest = _finish(out, dataset, tasks, done, identity)
-        return _summary(out, manifest, started, resumed=len(tasks) - len(pending))
+        return _summary(out, manifest, started, store, resumed=len(tasks) - len(pending))
 
 
-def _complete(out: Path, identity: dict) -> bool:
+def _complete(out: Path, identity: dict, store: ShardStore) -> bool:
     """True when ``out`` already holds this very run, every shard file present."""
     if not (out / MANIFEST).is_file():
         return False
@@ -81,8 +122,8 @@ def _complete(out: Path, identity: dict) -> bool:
         manifest = read_manifest(out)
     except ShardFormatError:
         return False
-    files = [out / e["file"] for s in manifest["splits"].values() for e in s["shards"]]
-    return _same_identity(manifest, identity) and all(f.is_file() for f in files)
+    shards = [e for s in manifest["splits"].values() for e in s["shards"]]
+    return _same_identity(manifest, identity) and all(store.has(e["file"], e["sha256"]) for e in shards)
 
 
 def _same_identity(existing: dict, identity: dict) -> bool:
@@ -160,14 +201,14 @@ def _journal_from_manifest(out: Path) -> None:
     (out / MANIFEST).unlink()
 
 
-def _finished_records(out: Path, tasks: list[ShardTask]) -> dict:
+def _finished_records(out: Path, tasks: list[ShardTask], store: ShardStore) -> dict:
     """Records of tasks already done (and whose shard file is still there)."""
     done = {}
     for task in tasks:
         path = record_path(out, task)
         if path.is_file():
             record = json.loads(path.read_text())
-            if record["file"] is None or (out / record["file"]).is_file():
+            if record["file"] is None or store.has(record["file"], record["sha256"]):
                 done[(task.split, task.index)] = record
     return done
 
@@ -224,14 +265,15 @@ def _finishing(out: Path, name: str):
         raise OutputError(f"cannot write {out / name}: {error.strerror or error}") from None
 
 
-def _summary(out: Path, manifest: dict, started: float, resumed: int, already_complete=False) -> ShardSummary:
-    files = [out / e["file"] for s in manifest["splits"].values() for e in s["shards"]]
+def _summary(out: Path, manifest: dict, started: float, store: ShardStore, resumed: int,
+             already_complete=False) -> ShardSummary:
+    files = [e["file"] for s in manifest["splits"].values() for e in s["shards"]]
     return ShardSummary(
         out=out,
         counts={name: s["count"] for name, s in manifest["splits"].items()},
         shards=len(files),
         rejected=manifest["rejected"],
-        bytes=sum(f.stat().st_size for f in files),
+        bytes=sum(store.size(f) for f in files),
         seconds=time.perf_counter() - started,
         resumed=resumed,
         already_complete=already_complete,

@@ -7,7 +7,9 @@ no half object is ever visible) and recorded, after its upload, in the bucket's
 ``.imgprep-uploaded.json`` journal (file -> sha256). ``rejects.jsonl`` follows, and
 ``manifest.json`` goes last: a folder with a manifest in it is complete. A rerun uploads only
 what the journal does not hold with the manifest's sha256; if anything changes, the old manifest
-is removed first, so no reader ever sees a manifest that names shards of another run.
+is removed first, so no reader ever sees a manifest that names shards of another run. With
+``--engine ray`` the workers upload their shards themselves and the job enters each in the
+journal as its record comes back (``prep.job.ShardStore``); this then uploads only the rest.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ def uploaded_journal(remote: Remote) -> dict[str, str]:
     return journal if ok else {}
 
 
+def record_uploaded(remote: Remote, journal: dict[str, str], file: str, sha256: str) -> None:
+    """Enter ``file``, uploaded whole, in ``journal`` and write it to the bucket."""
+    journal[file] = sha256
+    remote.write_bytes(JOURNAL, json.dumps(journal, indent=0).encode())
+
+
 def upload_shards(local: Path, url: str, progress: bool = True) -> Uploaded:
     """Upload the finished shard folder ``local`` to ``url`` (see the module docstring)."""
     from tqdm import tqdm
@@ -59,8 +67,7 @@ def upload_shards(local: Path, url: str, progress: bool = True) -> Uploaded:
     for entry in tqdm(todo, desc="upload", unit="shard", disable=not progress):
         path = local / entry["file"]
         remote.upload(path, entry["file"])
-        journal[entry["file"]] = entry["sha256"]
-        remote.write_bytes(JOURNAL, json.dumps(journal, indent=0).encode())
+        record_uploaded(remote, journal, entry["file"], entry["sha256"])
         sent += path.stat().st_size
     if (local / REJECTS).exists():
         remote.upload(local / REJECTS, REJECTS)

@@ -513,3 +513,31 @@ def test_shard_from_parquet_files_in_a_bucket_reads_them_in_place_to_the_shards_
     manifest = json.loads((tmp_path / "bucket" / "manifest.json").read_text())
     assert manifest["source"] == "s3://imgprep-hf/imagenet-1k"
     assert not any(p.suffix == ".parquet" for p in (tmp_path / "bucket").rglob("*"))  # read in place, not staged
+
+
+def test_shard_with_ray_to_a_bucket_has_each_worker_upload_and_needs_no_shared_folder(s3_server, fake_src, shards,
+                                                                                        tmp_path):
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
+    import hashlib
+
+    from helpers import shard_hashes
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("imgprep-ray")
+    url = "s3://imgprep-ray/run"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # its workers inherit the S3 variables
+    try:
+        args = ["shard", str(fake_src), "--out", url, "--shard-size", "16", "--engine", "ray", "--quiet"]
+        result = run_cli(args)
+        assert result.exit_code == 0, result.output
+        assert "uploaded by the Ray workers" in result.output
+        again = run_cli(args)  # complete: nothing is made again
+        assert again.exit_code == 0 and "already complete" in again.output, again.output
+    finally:
+        ray.shutdown()
+    got = {key.split("imgprep-ray/run/", 1)[1]: hashlib.sha256(fs.cat_file(key)).hexdigest()
+           for key in fs.find("imgprep-ray/run") if key.endswith(".h5")}
+    assert got == shard_hashes(shards)  # `shards`: the same options on the local engine, on disk
+    assert fs.cat_file("imgprep-ray/run/manifest.json") == (shards / "manifest.json").read_bytes()
+    staged = list((tmp_path / "xdg").rglob("*.h5"))
+    assert not staged  # the shards were made on the workers' own disks, not in the driver's staging folder
