@@ -85,8 +85,8 @@ def shard(src, out, size, policy, max_aspect, encoding, quality, shard_size, see
       SRC/*-train-*.tar and SRC/*-validation-*.tar (webdataset: KEY.jpg + KEY.cls)
       SRC/train_images_N.tar.gz and val_images.tar.gz (Hugging Face's ImageNet archives:
           decompressed once into OUT/.partial, which needs their size free meanwhile)
-      s3://bucket/prefix holding the first two layouts (listed once, an image a request) or
-          Hugging Face parquet files (range reads); pip install 'imgprep[cloud]'
+      s3://bucket/prefix holding the first two layouts (listed once, an image a request),
+          Hugging Face parquet files or webdataset tars (range reads); pip install 'imgprep[cloud]'
     Class names come from SRC/LOC_synset_mapping.txt, synset_words.txt or words.txt (or the
     devkit) if present.
 

@@ -12,12 +12,13 @@ refused credential or a wrong endpoint is one line within about a minute, never 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from prep.errors import ImgprepError, PrepError
+from prep.errors import BadImage, ImgprepError, PrepError
 
 URL = re.compile(r"^(?P<protocol>[a-zA-Z][a-zA-Z0-9+.-]*)://")
 S3_OPTIONS = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 60,
@@ -154,3 +155,15 @@ class Remote:
         with remote_errors(self.url):
             bucket = self.url.split("://", 1)[1].split("/", 1)[0]
             self.fs.ls(f"{URL.match(self.url)[0]}{bucket}", detail=False, refresh=True)
+
+
+def image_bytes(remote: Remote, name: str, start: int = 0, end: int | None = None) -> bytes:
+    """Bytes ``start`` to ``end`` of object ``name``, read for a shard worker: an object gone is
+    ``BadImage`` (a reject), any other failure an OSError that may pass (``prep.build`` tries
+    again, and stops the job when many in a row fail)."""
+    try:
+        return remote.fs.cat_file(remote.at(name), start=start, end=end)
+    except FileNotFoundError:
+        raise BadImage("no longer in the bucket (removed after the scan)") from None
+    except Exception as error:  # the store's client raises its own kinds
+        raise OSError(errno.EIO, redacted(f"{type(error).__name__}: {error}")) from None

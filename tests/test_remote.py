@@ -495,20 +495,25 @@ def test_a_shard_job_killed_mid_upload_leaves_no_manifest_and_its_rerun_complete
     assert fs.cat_file("imgprep-kill/run/manifest.json") == (tmp_path / "disk" / "manifest.json").read_bytes()
 
 
+def shard_on_disk_and_from_a_bucket(src: Path, bucket_path: str, tmp_path: Path) -> None:
+    """``src`` uploaded to ``bucket_path`` with s3fs, then sharded from disk into tmp_path/disk and
+    from the bucket into tmp_path/bucket with the same options; both must succeed."""
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir(bucket_path.split("/", 1)[0])
+    fs.put(str(src), bucket_path, recursive=True)
+    args = ["--size", "32", "--shard-size", "5", "--workers", "2", "--quiet"]
+    for source, out in ((str(src), "disk"), (f"s3://{bucket_path}", "bucket")):
+        result = run_cli(["shard", source, "--out", str(tmp_path / out), *args])
+        assert result.exit_code == 0, result.output
+
+
 def test_shard_from_parquet_files_in_a_bucket_reads_them_in_place_to_the_shards_of_the_files_on_disk(
         s3_server, flat_tree, tmp_path):
     from helpers import shard_hashes
     from tools.source_layouts import hf_parquet
 
     src = hf_parquet(flat_tree, tmp_path / "hf", rows_per_group=4, files=3, test_rows=2)
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    fs.mkdir("imgprep-hf")
-    fs.put(str(src), "imgprep-hf/imagenet-1k", recursive=True)
-    args = ["--size", "32", "--shard-size", "5", "--workers", "2", "--quiet"]
-    from_disk = run_cli(["shard", str(src), "--out", str(tmp_path / "disk"), *args])
-    assert from_disk.exit_code == 0, from_disk.output
-    from_bucket = run_cli(["shard", "s3://imgprep-hf/imagenet-1k", "--out", str(tmp_path / "bucket"), *args])
-    assert from_bucket.exit_code == 0, from_bucket.output
+    shard_on_disk_and_from_a_bucket(src, "imgprep-hf/imagenet-1k", tmp_path)
     assert shard_hashes(tmp_path / "bucket") == shard_hashes(tmp_path / "disk") != {}
     manifest = json.loads((tmp_path / "bucket" / "manifest.json").read_text())
     assert manifest["source"] == "s3://imgprep-hf/imagenet-1k"
@@ -541,3 +546,16 @@ def test_shard_with_ray_to_a_bucket_has_each_worker_upload_and_needs_no_shared_f
     assert fs.cat_file("imgprep-ray/run/manifest.json") == (shards / "manifest.json").read_bytes()
     staged = list((tmp_path / "xdg").rglob("*.h5"))
     assert not staged  # the shards were made on the workers' own disks, not in the driver's staging folder
+
+
+def test_shard_from_webdataset_tars_in_a_bucket_makes_the_shards_of_the_tars_on_disk(s3_server, flat_tree, tmp_path):
+    from helpers import shard_hashes
+    from tools.source_layouts import webdataset_tars
+
+    src = webdataset_tars(flat_tree, tmp_path / "wds", shards=2, extra={"x.txt": b"not a sample"})
+    shard_on_disk_and_from_a_bucket(src, "imgprep-wds/imagenet", tmp_path)
+    assert shard_hashes(tmp_path / "bucket") == shard_hashes(tmp_path / "disk") != {}
+    rejects = [(tmp_path / side / "rejects.jsonl").read_text() for side in ("disk", "bucket")]
+    assert rejects[0] == rejects[1]
+    disk, bucket = (json.loads((tmp_path / side / "manifest.json").read_text()) for side in ("disk", "bucket"))
+    assert bucket["classes"] == disk["classes"] and bucket["splits"] == disk["splits"]

@@ -4,8 +4,8 @@ Each layout is one module with a ``detect(root) -> bool`` test and a ``scan(root
 that returns a ``Dataset`` without opening an image (``prep.sources.common``). ``scan_source``
 tries them in the order of ``LAYOUTS``; a folder that matches none is read as a plain tree,
 whose scan says what it expected. A new layout is a module and a line here. At a URL the
-parquet layout is read by range requests and a tree by ``bucket_tree``; the archive layouts
-are read from disk only, for now.
+parquet and webdataset layouts are read by range requests and a tree by ``bucket_tree``; the
+ILSVRC and Hugging Face tar.gz archives are read from disk only, for now.
 """
 
 from __future__ import annotations
@@ -38,8 +38,11 @@ def scan_source(root: str | os.PathLike, val_labels: str | os.PathLike | None = 
 
         url = as_url(root)
         Remote(url).check_reachable()
-        return hf_parquet.scan_parquet(url, val_labels) if hf_parquet.is_hf_parquet(url) else \
-            scan_bucket_tree(url, val_labels)
+        if hf_parquet.is_hf_parquet(url):
+            return hf_parquet.scan_parquet(url, val_labels)
+        if webdataset.is_webdataset(url):
+            return webdataset.scan_webdataset(url, val_labels)
+        return scan_bucket_tree(url, val_labels)
     root = Path(root).expanduser()
     for _, detect, scan in LAYOUTS:
         if detect(root):

@@ -14,11 +14,10 @@ the job, as a lost mount does).
 
 from __future__ import annotations
 
-import errno
 from collections import defaultdict
 
 from prep.errors import BadImage, SourceError
-from prep.remote import Remote, redacted
+from prep.remote import Remote, image_bytes
 from prep.sources.common import (NAME_FILES, Dataset, class_items, ReadsImagesAlone, Reject, file_too_large, is_image_name,
                                  label_flat_files, make_classes, not_an_image, parse_class_names, read_val_labels)
 
@@ -35,12 +34,7 @@ class BucketTreeReader(ReadsImagesAlone):
             raise BadImage(file_too_large(size, max_bytes))
         if size == 0:  # S3 refuses a range of an empty object; the decoder says what is wrong
             return b""
-        try:
-            data = self.remote.fs.cat_file(self.remote.at(key), start=0, end=max_bytes + 1)
-        except FileNotFoundError:
-            raise BadImage("no longer in the bucket (removed after the scan)") from None
-        except Exception as error:  # the store's client raises its own kinds: retried as a read error
-            raise OSError(errno.EIO, redacted(f"{type(error).__name__}: {error}")) from None
+        data = image_bytes(self.remote, key, 0, max_bytes + 1)
         if len(data) > max_bytes:  # replaced by a larger object since the scan
             raise BadImage(f"file too large: it grew past the cap of {max_bytes:,} bytes since the scan")
         return data

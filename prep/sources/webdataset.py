@@ -24,10 +24,11 @@ import re
 from pathlib import Path, PurePosixPath
 
 from prep.errors import SourceError
-from prep.sources.common import MAX_CLASSES, Dataset, Reject, printable, read_class_names
+from prep.remote import is_url
+from prep.sources.common import MAX_CLASSES, NAME_FILES, Dataset, Reject, parse_class_names, printable, read_class_names
 from prep.sources.imagenet1k import numbered_classes
-from prep.sources.tars import (ArchiveReader, holds_training_tars, last_of_each_name, list_members, member_problem,
-                               refuse_val_labels, split_files)
+from prep.sources.tars import (ArchiveReader, bucket, holds_training_tars, last_of_each_name, list_members,
+                               member_problem, open_tar, refuse_val_labels, split_files)
 
 TAR_NAME = re.compile(r".+-(train|validation|val)-.+\.tar")
 SPLIT_OF = {"train": "train", "validation": "val", "val": "val"}
@@ -37,7 +38,7 @@ LABEL_TEXT = re.compile(rb"\s*(-?[0-9]+)\s*")  # ASCII digits only
 MAX_LABEL_BYTES = 64  # a longer .cls is not a class index, and is not read
 
 
-def tar_files(root: Path) -> list[tuple[str, Path]]:
+def tar_files(root) -> list[tuple[str, Path | str]]:
     """(split, path) of the webdataset tars directly in ``root``, sorted by name."""
     return split_files(root, _split_of)
 
@@ -47,32 +48,47 @@ def _split_of(name: str) -> str | None:
     return SPLIT_OF[match.group(1)] if match else None
 
 
-def is_webdataset(root: Path) -> bool:
+def is_webdataset(root) -> bool:
     return holds_training_tars(root, tar_files(root))
 
 
-def scan_webdataset(root: Path, val_labels=None) -> Dataset:
-    root = Path(root).expanduser().resolve()
+def scan_webdataset(root, val_labels=None) -> Dataset:
+    """``root``: a folder, or a URL (each tar listed by streaming it once, its labels read in a
+    second pass forward; each image then read with one range request)."""
+    url = str(root) if is_url(str(root)) else None
+    root = url or Path(root).expanduser().resolve()
     refuse_val_labels(root, val_labels, "its webdataset tars label every image (.cls)")
     index, rejects, splits, archives = {}, [], {}, {}
     for split, path in tar_files(root):
-        archives[path.name] = str(path)
+        name = str(path).rsplit("/", 1)[1]
+        archives[name] = str(path)
         items = splits.setdefault(split, [])
-        for key, (offset, size), label in _scan_tar(path, split, rejects):
-            index[key] = (path.name, offset, size)
+        for key, (offset, size), label in _scan_tar(str(path), name, split, rejects):
+            index[key] = (name, offset, size)
             items.append((key, label))
     labels = [label for items in splits.values() for _, label in items]
     if not labels:
         raise SourceError(f"no sample of the webdataset tars in {root} has both an image and a label (.cls)")
-    classes = numbered_classes([str(i) for i in range(max(labels) + 1)], read_class_names(root), root)
+    names = read_class_names(root) if url is None else _bucket_class_names(url)
+    classes = numbered_classes([str(i) for i in range(max(labels) + 1)], names, root)
     return Dataset(str(root), classes, {s: tuple(sorted(items)) for s, items in splits.items()}, tuple(rejects),
                    ArchiveReader(archives, index))
 
 
-def _scan_tar(path: Path, split: str, rejects: list):
-    """Yield (key, (offset, size), label) for each usable sample of one tar; the rest are rejects."""
-    prefix = f"{path.name}/"
-    with open(path, "rb") as f:
+def _bucket_class_names(url: str) -> dict[str, str]:
+    remote = bucket(url)
+    for name in NAME_FILES:
+        data = remote.read_optional(name)
+        if data is not None:
+            return parse_class_names(data.decode("utf-8", "replace"))
+    return {}
+
+
+def _scan_tar(path: str, name: str, split: str, rejects: list):
+    """Yield (key, (offset, size), label) for each usable sample of one tar (a file, or an
+    object at a URL); the rest are rejects."""
+    prefix = f"{name}/"
+    with open_tar(path) as f:
         members, error = list_members(f)
         samples: dict[str, list] = {}  # sample key -> its members, in tar order
         for member in last_of_each_name(members, split, prefix, rejects):
@@ -90,7 +106,7 @@ def _scan_tar(path: Path, split: str, rejects: list):
             else:
                 yield prefix + image.name, (image.offset_data, image.size), label
     if error is not None:
-        rejects.append(Reject(split, path.name, f"unreadable tar: {error}; the samples before the damage are read"))
+        rejects.append(Reject(split, name, f"unreadable tar: {error}; the samples before the damage are read"))
 
 
 def _sample_key(name: str) -> str:
