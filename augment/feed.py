@@ -71,13 +71,17 @@ class BatchPlan:
         mine = self.per_epoch * self.batch_size if self.spec.random else len(range(self.rank, self.n, self.world_size))
         return min(self.batch_size, mine - position * self.batch_size)
 
-    def batch(self, epoch: int, position: int, reader, res: int | None = None, generation: int = 0) -> PlannedBatch:
-        """Batch ``position`` of ``epoch``; its labels and image sizes come from ``reader`` (a
-        SplitReader). ``res``: the training resolution (default spec.crop)."""
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices of ``epoch``, in order (computed once an epoch)."""
         if self._order[0] != epoch:
             self._order = (epoch, rank_samples(self.n, self.batch_size, self.rank, self.world_size,
                                                self.spec.random, self.seed, epoch, self.windows))
-        order = self._order[1]
+        return self._order[1]
+
+    def batch(self, epoch: int, position: int, reader, res: int | None = None, generation: int = 0) -> PlannedBatch:
+        """Batch ``position`` of ``epoch``; its labels and image sizes come from ``reader`` (a
+        SplitReader). ``res``: the training resolution (default spec.crop)."""
+        order = self.order(epoch)
         start = position * self.batch_size
         real = order[start : start + self.batch_size]
         count = len(real)

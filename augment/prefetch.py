@@ -26,8 +26,6 @@ import threading
 
 import numpy as np
 
-from augment.sampler import rank_samples
-
 THREADS = 4  # downloads at once: requests to an object store are latency-bound, not CPU-bound
 AHEAD = 8  # files beyond the current batch's, when the order has no windows
 
@@ -52,8 +50,7 @@ class ShardPrefetch:
     def follow(self, epoch: int, position: int) -> None:
         """The batches to come are ``epoch``'s from ``position`` on."""
         plan = self.plan
-        order = rank_samples(plan.n, plan.batch_size, plan.rank, plan.world_size, plan.spec.random, plan.seed, epoch,
-                             plan.windows)[position * plan.batch_size:]
+        order = plan.order(epoch)[position * plan.batch_size:]
         file_nos, _ = self.reader.locate_many(order)
         files, first = np.unique(file_nos, return_index=True)
         by_use = np.argsort(first, kind="stable")

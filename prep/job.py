@@ -55,7 +55,7 @@ class ShardStore:
     journal (``prep.upload``: this process is its one writer)."""
 
     def __init__(self, out: Path, url: str | None = None):
-        self.out, self.url = out, url
+        self.out = out
         self.remote = self.listing = self.uploaded = None
         if url is not None:
             from prep.remote import Remote

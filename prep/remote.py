@@ -76,9 +76,10 @@ class Remote:
         self.url = str(url).rstrip("/")
         self._fs = None
         self._pid = None
+        self._listed = None  # listed(): the whole folder, listed once
 
     def __getstate__(self):
-        return {"url": self.url, "_fs": None, "_pid": None}
+        return {"url": self.url, "_fs": None, "_pid": None, "_listed": None}
 
     @property
     def fs(self):
@@ -101,12 +102,6 @@ class Remote:
         with remote_errors(self.at(name)):
             return self.fs.exists(self.at(name))
 
-    def stamp(self, name: str) -> str:
-        """What changes when object ``name`` is replaced: its size and ETag (or time, elsewhere)."""
-        with remote_errors(self.at(name)):
-            info = self.fs.info(self.at(name))
-        return f"{info.get('size')}:{info.get('ETag') or info.get('mtime') or info.get('LastModified')}"
-
     def read_bytes(self, name: str) -> bytes:
         with remote_errors(self.at(name)):
             return self.fs.cat_file(self.at(name))
@@ -121,11 +116,27 @@ class Remote:
 
     def listing(self, folder: str = "") -> dict[str, int]:
         """Bytes of every object under ``folder``, by name relative to this folder (one listing)."""
+        return {name: int(entry["size"]) for name, entry in self._found(folder).items()}
+
+    def stamps(self) -> dict[str, str]:
+        """What changes when an object is replaced, for every object of the folder (one listing):
+        its size and ETag (or its time, on stores without ETags), by name."""
+        return {name: f"{entry.get('size')}:{entry.get('ETag') or entry.get('mtime') or entry.get('LastModified')}"
+                for name, entry in self._found().items()}
+
+    def _found(self, folder: str = "") -> dict[str, dict]:
+        """fsspec's details of every object under ``folder``, by name relative to this folder."""
         where = self.at(folder) if folder else self.url
         with remote_errors(where):
             found = self.fs.find(where, detail=True, withdirs=False)
         bare = self.url.split("://", 1)[1] + "/"
-        return {name.split(bare, 1)[-1]: int(entry["size"]) for name, entry in found.items()}
+        return {name.split(bare, 1)[-1]: entry for name, entry in found.items()}
+
+    def listed(self) -> dict[str, int]:
+        """``listing()`` of the whole folder, made once for this object (see ``folder_at``)."""
+        if self._listed is None:
+            self._listed = self.listing()
+        return self._listed
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """One PUT: readers see the old object or the whole new one, never a part."""
@@ -155,6 +166,23 @@ class Remote:
         with remote_errors(self.url):
             bucket = self.url.split("://", 1)[1].split("/", 1)[0]
             self.fs.ls(f"{URL.match(self.url)[0]}{bucket}", detail=False, refresh=True)
+
+
+_FOLDERS: dict[str, Remote] = {}  # URL -> this process's Remote for it
+
+
+def folder_at(url: str) -> Remote:
+    """This process's one Remote for ``url``: its client is made once (and again after a fork),
+    and its ``listed()`` serves every layout's detection and scan of a source, which starts with
+    ``forget_listings()`` so that a later scan sees the bucket as it is then."""
+    return _FOLDERS.setdefault(str(url).rstrip("/"), Remote(url))
+
+
+def forget_listings() -> None:
+    for remote in _FOLDERS.values():
+        remote._listed = None
+        if remote._fs is not None and hasattr(remote._fs, "invalidate_cache"):
+            remote._fs.invalidate_cache()  # the client's own record of the folder too
 
 
 def image_bytes(remote: Remote, name: str, start: int = 0, end: int | None = None) -> bytes:

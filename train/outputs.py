@@ -90,7 +90,7 @@ def fetch_run(url: str, cache: str | None = None, names: tuple[str, ...] | None 
     local.mkdir(parents=True, exist_ok=True)
     with open(local / ".fetch.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the ranks of a node: one downloads, the others find it done
-        objects = remote.listing()
+        objects = remote.stamps()  # one listing: what is there, and how to tell a replaced object
         missing = [n for n in names or (LAST,) if n not in objects]
         if missing:
             raise ImgprepError(f"no checkpoint at {remote.at(missing[0])}"
@@ -98,7 +98,7 @@ def fetch_run(url: str, cache: str | None = None, names: tuple[str, ...] | None 
         fetched = json.loads((local / FETCHED).read_text()) if (local / FETCHED).is_file() else {}
         wanted = names or [n for n in objects if n in PUBLISHED or n.startswith(EVENTS + "/")]
         for name in wanted:
-            stamp = remote.stamp(name)
+            stamp = objects[name]
             if fetched.get(name) == stamp and (local / name).is_file():
                 continue
             (local / name).parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prep.remote import Remote, as_url, is_url
+from prep.remote import as_url, folder_at, forget_listings, is_url
 from prep.sources import hf_archives, hf_parquet, ilsvrc, tree, webdataset
 from prep.sources.common import SPLITS, ClassInfo, Dataset, Reject, read_val_labels
 from prep.sources.tree import TreeReader, scan_tree
@@ -37,7 +37,8 @@ def scan_source(root: str | os.PathLike, val_labels: str | os.PathLike | None = 
         from prep.sources.bucket_tree import scan_bucket_tree
 
         url = as_url(root)
-        Remote(url).check_reachable()
+        forget_listings()  # one listing of the bucket serves the detection and the scan below
+        folder_at(url).check_reachable()
         if hf_parquet.is_hf_parquet(url):
             return hf_parquet.scan_parquet(url, val_labels)
         if webdataset.is_webdataset(url):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from prep.errors import BadImage, SourceError
-from prep.remote import Remote, image_bytes
+from prep.remote import Remote, folder_at, image_bytes
 from prep.sources.common import (NAME_FILES, Dataset, class_items, ReadsImagesAlone, Reject, file_too_large, is_image_name,
                                  label_flat_files, make_classes, not_an_image, parse_class_names, read_val_labels)
 
@@ -42,9 +42,8 @@ class BucketTreeReader(ReadsImagesAlone):
 
 def scan_bucket_tree(url: str, val_labels=None) -> Dataset:
     """The tree at ``url``, listed once; SourceError when the layout is unusable."""
-    remote = Remote(url)
-    remote.check_reachable()
-    sizes = remote.listing()
+    remote = folder_at(url)  # its listing is the one layout detection made (prep.sources.scan_source)
+    sizes = remote.listed()
     if not any(name.startswith("train/") for name in sizes):
         raise SourceError(f"{url} has no train/ folder (expected {url}/train/<class>/<images>)")
     rejects: list[Reject] = []

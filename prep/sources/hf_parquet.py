@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from prep.errors import BadImage, SourceError
-from prep.remote import Remote, is_url
+from prep.remote import folder_at, is_url
 from prep.sources.common import MAX_CLASSES, ClassInfo, Dataset, Reject
 from prep.sources.imagenet1k import numbered_classes
 
@@ -59,7 +59,7 @@ class Place:
 
     def __init__(self, root: str):
         self.root = root
-        self.remote = Remote(root) if is_url(root) else None
+        self.remote = folder_at(root) if is_url(root) else None
 
     def __str__(self) -> str:
         return self.root
@@ -84,18 +84,13 @@ class Place:
         return rel in self._listing() if self.remote else os.path.isfile(os.path.join(self.root, rel))
 
     def _listing(self) -> dict[str, int]:
-        if getattr(self, "_listed", None) is None:
-            self._listed = self.remote.listing()  # one listing of the whole folder, for the scan
-        return self._listed
+        return self.remote.listed()  # one listing of the whole folder, shared by the scan
 
     def open(self, rel: str, block: int):
         """What pq.ParquetFile reads ``rel`` from: the path, or a file of range requests."""
         if self.remote is None:
             return self.path(rel)
         return self.remote.fs.open(self.path(rel), "rb", block_size=block, cache_type="readahead")
-
-    def __getstate__(self):
-        return {"root": self.root, "remote": self.remote}
 
 
 class ParquetReader:

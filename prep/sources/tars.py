@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from prep.errors import BadImage, SourceError
-from prep.remote import Remote, image_bytes, is_url
+from prep.remote import folder_at, image_bytes, is_url
 from prep.sources.common import ReadsImagesAlone, Reject, file_too_large, is_image_name, is_utf8, not_an_image, open_regular, printable
 
 DUPLICATE = "duplicate member name: a later member of the same name replaces this one"
@@ -36,7 +36,7 @@ class ArchiveReader(ReadsImagesAlone):
         where = self.archives[archive]
         if is_url(where):  # a tar in a bucket: one range request
             folder, name = where.rsplit("/", 1)
-            data = image_bytes(bucket(folder), name, offset, offset + size)
+            data = image_bytes(folder_at(folder), name, offset, offset + size)
         else:
             with open_regular(where) as f:
                 f.seek(offset)
@@ -46,20 +46,13 @@ class ArchiveReader(ReadsImagesAlone):
         return data
 
 
-_BUCKETS: dict[str, Remote] = {}  # folder URL -> its client, one per process (Remote remakes it after a fork)
-
-
-def bucket(url: str) -> Remote:
-    return _BUCKETS.setdefault(url, Remote(url))
-
-
 def open_tar(where: str):
     """A tar to list: a file, or an object read forward in large range requests (listing
     seeks over each member's data, so the requests stream the tar once)."""
     if not is_url(where):
         return open(where, "rb")
     folder, name = where.rsplit("/", 1)
-    remote = bucket(folder)
+    remote = folder_at(folder)
     return remote.fs.open(remote.at(name), "rb", block_size=1 << 24, cache_type="readahead")
 
 
@@ -67,7 +60,7 @@ def split_files(root, split_of) -> list[tuple[str, Path | str]]:
     """(split, path) of the regular files directly in ``root`` to which ``split_of(name)`` gives
     a split (others: None), sorted by name; at a URL, (split, the object's URL)."""
     if is_url(str(root)):
-        names = sorted(name for name in bucket(str(root)).listing() if "/" not in name)
+        names = sorted(name for name in folder_at(str(root)).listed() if "/" not in name)
         return [(split_of(name), f"{root}/{name}") for name in names if split_of(name)]
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
@@ -80,7 +73,7 @@ def holds_training_tars(root, files: list) -> bool:
     """Detection of a layout of tars directly in SRC: training ``files`` and no train/ folder, so
     a tree that happens to hold such a file stays a tree."""
     if is_url(str(root)):
-        folder = any(name.startswith("train/") for name in bucket(str(root)).listing())
+        folder = any(name.startswith("train/") for name in folder_at(str(root)).listed())
     else:
         folder = (root / "train").is_dir()
     return not folder and any(split == "train" for split, _ in files)

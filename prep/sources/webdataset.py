@@ -24,10 +24,10 @@ import re
 from pathlib import Path, PurePosixPath
 
 from prep.errors import SourceError
-from prep.remote import is_url
+from prep.remote import folder_at, is_url
 from prep.sources.common import MAX_CLASSES, NAME_FILES, Dataset, Reject, parse_class_names, printable, read_class_names
 from prep.sources.imagenet1k import numbered_classes
-from prep.sources.tars import (ArchiveReader, bucket, holds_training_tars, last_of_each_name, list_members,
+from prep.sources.tars import (ArchiveReader, holds_training_tars, last_of_each_name, list_members,
                                member_problem, open_tar, refuse_val_labels, split_files)
 
 TAR_NAME = re.compile(r".+-(train|validation|val)-.+\.tar")
@@ -76,7 +76,7 @@ def scan_webdataset(root, val_labels=None) -> Dataset:
 
 
 def _bucket_class_names(url: str) -> dict[str, str]:
-    remote = bucket(url)
+    remote = folder_at(url)
     for name in NAME_FILES:
         data = remote.read_optional(name)
         if data is not None:
