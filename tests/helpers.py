@@ -79,3 +79,42 @@ def run_command(args, env=None, timeout: float = 300):
         stdout, stderr = process.communicate()
         pytest.fail(f"{' '.join(map(str, args))} did not end within {timeout} s:\n{stdout}\n{stderr}")
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), process.pid
+
+
+class ForwardReads:
+    """An ``open_archive`` for tests that records, for each file it opens, how far before the
+    furthest byte already read any read started: 0 (or a byte) when the file was read forward
+    once, as a tar in a bucket must be, since each step back is another download."""
+
+    def __init__(self):
+        self.back = {}  # path -> the largest step back, in bytes
+
+    def open(self, where):
+        recorder = self
+
+        class Recording:
+            def __init__(self):
+                self.file, self.furthest = open(where, "rb"), 0
+                recorder.back[str(where)] = 0
+
+            def read(self, size=-1):
+                start = self.file.tell()
+                data = self.file.read(size)
+                recorder.back[str(where)] = max(recorder.back[str(where)], self.furthest - start)
+                self.furthest = max(self.furthest, start + len(data))
+                return data
+
+            def seek(self, *where_to):
+                return self.file.seek(*where_to)
+
+            def tell(self):
+                return self.file.tell()
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.file.close()
+
+        return Recording()
+

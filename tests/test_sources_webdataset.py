@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import shard_hashes, shard_into
+from helpers import ForwardReads, shard_hashes, shard_into
 from prep.sources import TreeReader, scan_source
 from prep.sources.tars import DUPLICATE
 from tools.source_layouts import tar_bytes, webdataset_tars
@@ -63,6 +63,17 @@ def test_tars_give_the_labels_and_pixels_of_the_tree_with_one_worker_or_two(tars
 
 
 @pytest.mark.timeout(120)
+def test_the_scan_reads_each_tar_forward_once_labels_included(tars, monkeypatch):
+    from prep.sources import webdataset
+
+    reads = ForwardReads()
+    monkeypatch.setattr(webdataset, "open_archive", reads.open)
+    dataset = scan_source(tars)
+    assert len(dataset.splits["train"]) == 18 and len(dataset.splits["val"]) == 9
+    assert len(reads.back) == 5  # 3 train tars, 2 val tars
+    assert max(reads.back.values()) <= tarfile.BLOCKSIZE  # a header or end block read again, no more
+
+
 def test_bad_samples_are_rejected_with_their_reason(tree, tmp_path):
     image = next((tree / "train" / "n01440764").iterdir()).read_bytes()
     empty_duplicate = tarfile.TarInfo("n01440764_00000.jpg")  # a second member of a name already there

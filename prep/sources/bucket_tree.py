@@ -18,8 +18,8 @@ from collections import defaultdict
 
 from prep.errors import BadImage, SourceError
 from prep.remote import Remote, folder_at, image_bytes
-from prep.sources.common import (NAME_FILES, Dataset, class_items, ReadsImagesAlone, Reject, file_too_large, is_image_name,
-                                 label_flat_files, make_classes, not_an_image, parse_class_names, read_val_labels)
+from prep.sources.common import (Dataset, class_items, ReadsImagesAlone, Reject, file_too_large, is_image_name,
+                                 label_flat_files, make_classes, not_an_image, read_class_names, read_val_labels)
 
 
 class BucketTreeReader(ReadsImagesAlone):
@@ -50,9 +50,7 @@ def scan_bucket_tree(url: str, val_labels=None) -> Dataset:
     train = _class_folders(sizes, "train", rejects)
     if not train:
         raise SourceError(f"{url}/train has no class folders (expected {url}/train/<class>/<images>)")
-    names = next((parse_class_names(remote.read_bytes(n).decode("utf-8", "replace")) for n in NAME_FILES if n in sizes),
-                 {})
-    classes = make_classes(sorted(train), names, f"{url}/train")
+    classes = make_classes(sorted(train), read_class_names(url), f"{url}/train")
     index = {c.wnid: c.index for c in classes}
     splits = {"train": _labelled(train, "train", index, rejects)}
     used = {label for _, label in splits["train"]}

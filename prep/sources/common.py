@@ -132,12 +132,47 @@ def printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def read_class_names(root: Path) -> dict[str, str]:
-    """wnid -> human-readable name from the first synset file found in ``root``."""
+def source_root(root) -> Path | str:
+    """A source given on the command line: a URL without its trailing slash, or the absolute
+    path of a folder."""
+    from prep.remote import as_url
+
+    return as_url(str(root)) or Path(root).expanduser().resolve()
+
+
+def file_in(root, name: str) -> Path | str:
+    """File ``name`` directly in ``root``: a path, or the object's URL in a bucket's folder."""
+    from prep.remote import is_url
+
+    return f"{root}/{name}" if is_url(str(root)) else Path(root) / name
+
+
+def is_source_file(where) -> bool:
+    """A regular file, or an object in its folder's one listing (``prep.remote.folder_at``)."""
+    from prep.remote import folder_at, is_url
+
+    if is_url(where):
+        folder, name = where.rsplit("/", 1)
+        return name in folder_at(folder).listed()
+    return Path(where).is_file()
+
+
+def read_source_file(where) -> bytes:
+    """The whole of a small file or object (a devkit, a synset list)."""
+    from prep.remote import folder_at, is_url
+
+    if is_url(where):
+        folder, name = where.rsplit("/", 1)
+        return folder_at(folder).read_bytes(name)
+    return Path(where).read_bytes()
+
+
+def read_class_names(root) -> dict[str, str]:
+    """wnid -> human-readable name from the first synset file found in ``root`` (a folder or a URL)."""
     for name in NAME_FILES:
-        path = root / name
-        if path.is_file():
-            return parse_class_names(path.read_text(encoding="utf-8", errors="replace"))
+        where = file_in(root, name)
+        if is_source_file(where):
+            return parse_class_names(read_source_file(where).decode("utf-8", "replace"))
     return {}
 
 

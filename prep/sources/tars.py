@@ -46,9 +46,9 @@ class ArchiveReader(ReadsImagesAlone):
         return data
 
 
-def open_tar(where: str):
-    """A tar to list: a file, or an object read forward in large range requests (listing
-    seeks over each member's data, so the requests stream the tar once)."""
+def open_archive(where: str):
+    """A tar (or a gzip'd one) to read forward: a file, or an object read in large range
+    requests (a listing seeks over each member's data, so the requests stream the tar once)."""
     if not is_url(where):
         return open(where, "rb")
     folder, name = where.rsplit("/", 1)
@@ -94,9 +94,11 @@ def plain_names(members: list) -> list:
     return [m for m in members if m.name not in ("", ".")]
 
 
-def list_members(fileobj) -> tuple[list, Exception | None]:
+def list_members(fileobj, on_member=None) -> tuple[list, Exception | None]:
     """The members of the tar in (seekable) ``fileobj`` up to any damage, and that damage (or
     None): the members listed before it are still good, and one damaged tar must not stop a scan.
+    ``on_member(member)``, if given, is called as each header is passed, so that a small member
+    can be read on the way: a tar in a bucket is then read forward once, never twice.
 
     tarfile raises only for damage in the first header; at a later one it stops as quietly as at
     the end. So where it stopped is looked at: a tar ends with a block of 512 zero bytes.
@@ -104,7 +106,10 @@ def list_members(fileobj) -> tuple[list, Exception | None]:
     members, damage = [], None
     try:
         archive = tarfile.open(fileobj=fileobj, mode="r:")
-        members.extend(archive)
+        for member in archive:
+            members.append(member)
+            if on_member is not None:
+                on_member(member)
     except tarfile.TarError as error:
         damage = error
     else:

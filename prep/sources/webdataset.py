@@ -24,11 +24,10 @@ import re
 from pathlib import Path, PurePosixPath
 
 from prep.errors import SourceError
-from prep.remote import folder_at, is_url
-from prep.sources.common import MAX_CLASSES, NAME_FILES, Dataset, Reject, parse_class_names, printable, read_class_names
+from prep.sources.common import MAX_CLASSES, Dataset, Reject, printable, read_class_names, source_root
 from prep.sources.imagenet1k import numbered_classes
 from prep.sources.tars import (ArchiveReader, holds_training_tars, last_of_each_name, list_members,
-                               member_problem, open_tar, refuse_val_labels, split_files)
+                               member_problem, open_archive, refuse_val_labels, split_files)
 
 TAR_NAME = re.compile(r".+-(train|validation|val)-.+\.tar")
 SPLIT_OF = {"train": "train", "validation": "val", "val": "val"}
@@ -53,10 +52,9 @@ def is_webdataset(root) -> bool:
 
 
 def scan_webdataset(root, val_labels=None) -> Dataset:
-    """``root``: a folder, or a URL (each tar listed by streaming it once, its labels read in a
-    second pass forward; each image then read with one range request)."""
-    url = str(root) if is_url(str(root)) else None
-    root = url or Path(root).expanduser().resolve()
+    """``root``: a folder, or a URL (each tar listed, its labels read on the way, by streaming it
+    once; each image then read with one range request)."""
+    root = source_root(root)
     refuse_val_labels(root, val_labels, "its webdataset tars label every image (.cls)")
     index, rejects, splits, archives = {}, [], {}, {}
     for split, path in tar_files(root):
@@ -69,27 +67,24 @@ def scan_webdataset(root, val_labels=None) -> Dataset:
     labels = [label for items in splits.values() for _, label in items]
     if not labels:
         raise SourceError(f"no sample of the webdataset tars in {root} has both an image and a label (.cls)")
-    names = read_class_names(root) if url is None else _bucket_class_names(url)
-    classes = numbered_classes([str(i) for i in range(max(labels) + 1)], names, root)
+    classes = numbered_classes([str(i) for i in range(max(labels) + 1)], read_class_names(root), root)
     return Dataset(str(root), classes, {s: tuple(sorted(items)) for s, items in splits.items()}, tuple(rejects),
                    ArchiveReader(archives, index))
-
-
-def _bucket_class_names(url: str) -> dict[str, str]:
-    remote = folder_at(url)
-    for name in NAME_FILES:
-        data = remote.read_optional(name)
-        if data is not None:
-            return parse_class_names(data.decode("utf-8", "replace"))
-    return {}
 
 
 def _scan_tar(path: str, name: str, split: str, rejects: list):
     """Yield (key, (offset, size), label) for each usable sample of one tar (a file, or an
     object at a URL); the rest are rejects."""
     prefix = f"{name}/"
-    with open_tar(path) as f:
-        members, error = list_members(f)
+    labels: dict[int, bytes] = {}  # offset of a short .cls member's bytes -> those bytes
+
+    def read_label(member) -> None:  # while the listing passes it: each tar is read forward once
+        if member.size <= MAX_LABEL_BYTES and _field(member) == LABEL_FIELD:
+            f.seek(member.offset_data)
+            labels[member.offset_data] = f.read(member.size)
+
+    with open_archive(path) as f:
+        members, error = list_members(f, read_label)
         samples: dict[str, list] = {}  # sample key -> its members, in tar order
         for member in last_of_each_name(members, split, prefix, rejects):
             reason = None if member.isdir() else member_problem(member)
@@ -100,7 +95,7 @@ def _scan_tar(path: str, name: str, split: str, rejects: list):
         for sample, parts in samples.items():
             image, reason = _sample_image(parts)
             if reason is None:
-                label, reason = _read_label(f, [m for m in parts if _field(m) == LABEL_FIELD])
+                label, reason = _label(labels, [m for m in parts if _field(m) == LABEL_FIELD])
             if reason:
                 rejects.append(Reject(split, prefix + (image.name if image else sample or parts[0].name), reason))
             else:
@@ -131,15 +126,13 @@ def _sample_image(parts: list) -> tuple[object, str | None]:
     return images[0], None
 
 
-def _read_label(f, members: list) -> tuple[int | None, str | None]:
-    """(label, None) from a sample's .cls member (read at its offset in the open tar), or (None, why)."""
+def _label(labels: dict[int, bytes], members: list) -> tuple[int | None, str | None]:
+    """(label, None) from a sample's .cls member (its bytes in ``labels`` by offset, when short
+    enough to be read), or (None, why)."""
     if len(members) != 1:
         return None, "two .cls members in one sample" if members else "no label: the sample has no .cls member"
     member = members[0]
-    data = b""
-    if member.size <= MAX_LABEL_BYTES:
-        f.seek(member.offset_data)
-        data = f.read(member.size)
+    data = labels.get(member.offset_data, b"")
     match = LABEL_TEXT.fullmatch(data) if len(data) == member.size else None
     if match is None:
         shown = repr(data) if member.size <= MAX_LABEL_BYTES else f"{member.size:,} bytes"
