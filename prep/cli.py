@@ -85,8 +85,9 @@ def shard(src, out, size, policy, max_aspect, encoding, quality, shard_size, see
       SRC/*-train-*.tar and SRC/*-validation-*.tar (webdataset: KEY.jpg + KEY.cls)
       SRC/train_images_N.tar.gz and val_images.tar.gz (Hugging Face's ImageNet archives:
           decompressed once into OUT/.partial, which needs their size free meanwhile)
-      s3://bucket/prefix holding the first two layouts (listed once, an image a request),
-          Hugging Face parquet files or webdataset tars (range reads); pip install 'imgprep[cloud]'
+      s3://bucket/prefix holding any of these but Kaggle's: a tree listed once and read an
+          image a request, the tars and parquet files read in place by range requests, the
+          .tar.gz archives streamed to list them, then into OUT/.partial; pip install 'imgprep[cloud]'
     Class names come from SRC/LOC_synset_mapping.txt, synset_words.txt or words.txt (or the
     devkit) if present.
 
@@ -117,6 +118,8 @@ def shard(src, out, size, policy, max_aspect, encoding, quality, shard_size, see
     click.echo(f"found {found} files in {len(dataset.classes):,} classes; "
                f"{len(dataset.rejects):,} left out while scanning")
     url = out if isinstance(out, str) else None
+    if url is not None and engine == "ray":
+        refuse_local_staging(dataset, url)
     if url is not None:  # staged where a Loader on this machine will look for the URL's files
         from prep.cache import ShardCache
 
@@ -145,6 +148,18 @@ def shard(src, out, size, policy, max_aspect, encoding, quality, shard_size, see
                + (f", {summary.resumed} shards kept from an earlier run" if summary.resumed else ""))
     if summary.rejected:
         click.echo(f"rejected {summary.rejected:,} files: reasons in {escaped(summary.out / 'rejects.jsonl')}")
+
+
+def refuse_local_staging(dataset, url: str) -> None:
+    """Ray's workers upload to a bucket --out from their own disks, and never see this machine's:
+    a source decompressed here first (Hugging Face's .tar.gz archives) cannot be read there."""
+    from prep.errors import PrepError
+    from prep.sources.hf_archives import StagedArchives
+
+    if isinstance(dataset.reader, StagedArchives):
+        raise PrepError(f"--engine ray with --out {url}: {dataset.root}'s .tar.gz archives are decompressed on this "
+                        "machine's disk, which the Ray workers do not see; give a --out folder that every worker sees, "
+                        "or --engine local")
 
 
 @main.command("pca-stats")

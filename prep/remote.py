@@ -138,6 +138,14 @@ class Remote:
             self._listed = self.listing()
         return self._listed
 
+    def modified_ns(self, name: str) -> int:
+        """When object ``name`` was last written, in ns since 1970 (one request); 0 for a store
+        that does not say."""
+        with remote_errors(self.at(name)):
+            info = self.fs.info(self.at(name))
+        when = info.get("LastModified") or info.get("mtime") or info.get("last_modified") or 0
+        return int((when.timestamp() if hasattr(when, "timestamp") else float(when)) * 1e9)
+
     def write_bytes(self, name: str, data: bytes) -> None:
         """One PUT: readers see the old object or the whole new one, never a part."""
         with remote_errors(self.at(name)):

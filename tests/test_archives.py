@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from helpers import run_cli, shard_hashes, shard_into
+from helpers import ForwardReads, run_cli, shard_hashes, shard_into
 from tools.source_layouts import add_file, tar_bytes
 from tools.source_layouts import ilsvrc_archives as make_archives
 
@@ -29,6 +29,20 @@ def test_archives_give_the_same_shards_as_the_extracted_tree(tree, tmp_path):
     assert shard_hashes(tmp_path / "from-archives") == shard_hashes(from_tree)
     assert manifest["splits"]["val"]["count"] == 9 and manifest["splits"]["train"]["count"] == 18
     assert manifest["classes"][0] == {"index": 0, "wnid": "n01440764", "name": "tench, Tinca tinca"}
+
+
+def test_the_scan_reads_each_archive_forward_once(tree, tmp_path, monkeypatch):
+    """A tar in a bucket is read in large forward requests: a scan that went back (to each
+    per-class tar after listing the outer one) would download the training archive twice."""
+    from prep.sources import ilsvrc, scan_source
+
+    archives = make_archives(tree, tmp_path / "ilsvrc")
+    reads = ForwardReads()
+    monkeypatch.setattr(ilsvrc, "open_archive", reads.open)
+    dataset = scan_source(archives)
+    assert len(dataset.splits["train"]) == 18 and len(dataset.splits["val"]) == 9
+    assert set(reads.back) == {str(archives / "ILSVRC2012_img_train.tar"), str(archives / "ILSVRC2012_img_val.tar")}
+    assert max(reads.back.values()) <= tarfile.BLOCKSIZE  # a header or end block read again, no more
 
 
 def dot_prefixed(tar: bytes, inner: bool = False) -> bytes:

@@ -25,7 +25,7 @@ from prep.errors import BadImage, SourceError
 from prep.sources.common import ReadsImagesAlone
 from prep.plan import ShardOptions
 from prep.sources import TreeReader, scan_source, scan_tree
-from tools.source_layouts import add_file
+from tools.source_layouts import add_file, tar_bytes
 from tools.source_layouts import ilsvrc_archives as make_archives
 from tools.fake_imagenet import make_fake_imagenet
 
@@ -256,6 +256,20 @@ def test_duplicate_member_names_keep_the_last_as_extraction_would(flat, tmp_path
     np.testing.assert_array_equal(train[f"train/{FIRST}/{images[0].name}"], train[f"train/{FIRST}/{images[1].name}"])
     validation = pixels_of(out, "val")
     np.testing.assert_array_equal(validation[f"val/{val[0].name}"], validation[f"val/{val[1].name}"])
+
+
+@pytest.mark.timeout(120)
+def test_a_per_class_tar_given_twice_keeps_the_later_one_as_extraction_would(flat, tmp_path):
+    archives = make_archives(flat, tmp_path / "ilsvrc")
+    train_tar = archives / "ILSVRC2012_img_train.tar"
+    image = sorted((flat / "train" / FIRST).iterdir())[0]
+    later = tar_bytes({"later.JPEG": image.read_bytes()})  # the same class again, with one image
+    train_tar.write_bytes(append_members(train_tar.read_bytes(), [(f"{FIRST}.tar", later)]))
+    manifest, rejects = shard(archives, tmp_path / "out")
+    assert rejects == {f"train/{FIRST}.tar": "duplicate member name: a later member of the same name replaces this one"}
+    train = pixels_of(tmp_path / "out", "train")
+    assert [key for key in train if key.startswith(f"train/{FIRST}/")] == [f"train/{FIRST}/later.JPEG"]
+    assert manifest["splits"]["train"]["count"] == 1 + 3 and len(manifest["classes"]) == 2  # 2 classes of 3
 
 
 # ----------------------------------------------------------------------------- decoded size

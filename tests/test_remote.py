@@ -559,3 +559,66 @@ def test_shard_from_webdataset_tars_in_a_bucket_makes_the_shards_of_the_tars_on_
     assert rejects[0] == rejects[1]
     disk, bucket = (json.loads((tmp_path / side / "manifest.json").read_text()) for side in ("disk", "bucket"))
     assert bucket["classes"] == disk["classes"] and bucket["splits"] == disk["splits"]
+
+
+def same_shards_rejects_and_classes(tmp_path: Path) -> dict:
+    """The shards of tmp_path/bucket are those of tmp_path/disk, with the same rejects, classes
+    and splits; returns the bucket run's manifest."""
+    from helpers import shard_hashes
+
+    assert shard_hashes(tmp_path / "bucket") == shard_hashes(tmp_path / "disk") != {}
+    rejects = [(tmp_path / side / "rejects.jsonl").read_text() for side in ("disk", "bucket")]
+    assert rejects[0] == rejects[1]
+    disk, bucket = (json.loads((tmp_path / side / "manifest.json").read_text()) for side in ("disk", "bucket"))
+    assert bucket["classes"] == disk["classes"] and bucket["splits"] == disk["splits"]
+    return bucket
+
+
+def test_shard_from_the_ilsvrc_archives_in_a_bucket_reads_them_in_place_to_the_shards_of_the_archives_on_disk(
+        s3_server, flat_tree, tmp_path):
+    from tools.source_layouts import ilsvrc_archives
+
+    src = ilsvrc_archives(flat_tree, tmp_path / "ilsvrc", extra_train={"README.txt": b"not a class tar"},
+                          extra_class={"notes.txt": b"not an image"})
+    shard_on_disk_and_from_a_bucket(src, "imgprep-ilsvrc/downloads", tmp_path)
+    manifest = same_shards_rejects_and_classes(tmp_path)
+    assert manifest["source"] == "s3://imgprep-ilsvrc/downloads"
+    assert manifest["classes"][0] == {"index": 0, "wnid": "n01440764", "name": "tench, Tinca tinca"}  # the devkit's
+    assert manifest["splits"]["train"]["count"] == 18 and manifest["splits"]["val"]["count"] == 9
+    assert "README.txt" in (tmp_path / "bucket" / "rejects.jsonl").read_text()
+    assert not [p for p in tmp_path.rglob("*.tar") if not p.is_relative_to(src)]  # read in place, nothing staged
+
+
+def test_shard_from_hugging_faces_archives_in_a_bucket_stages_them_to_the_shards_of_the_archives_on_disk(
+        s3_server, flat_tree, tmp_path, monkeypatch):
+    from prep.sources import hf_archives, scan_source
+    from tools.source_layouts import hf_archives as make_hf_archives
+
+    src = make_hf_archives(flat_tree, tmp_path / "hf", extra={"notes.txt": b"not an image"})
+    shard_on_disk_and_from_a_bucket(src, "imgprep-hfgz/imagenet-1k", tmp_path)
+    manifest = same_shards_rejects_and_classes(tmp_path)
+    assert manifest["source"] == "s3://imgprep-hfgz/imagenet-1k"
+    assert not list((tmp_path / "bucket").rglob("*.tar"))  # the staged tars went with the journal
+
+    # A staged tar is kept while its object is unchanged, and made again once it is replaced.
+    url = "s3://imgprep-hfgz/imagenet-1k"
+    reader = scan_source(url).reader
+    reader.prepare(tmp_path / "journal", 1, False)
+    staged = tmp_path / "journal" / "staged"
+    made = {p.name: p.stat().st_mtime_ns for p in staged.iterdir()}
+    assert sorted(made) == ["train_images_0.tar", "train_images_1.tar", "val_images.tar"]
+    decompressed = []
+    real = hf_archives._decompress
+    monkeypatch.setattr(hf_archives, "_decompress", lambda todo, *rest: decompressed.append(todo) or real(todo, *rest))
+    scan_source(url).reader.prepare(tmp_path / "journal", 1, False)
+    assert decompressed == []
+    time.sleep(1.1)  # a newer LastModified (whole seconds)
+    s3fs.S3FileSystem(skip_instance_cache=True).put_file(str(src / "val_images.tar.gz"),
+                                                         "imgprep-hfgz/imagenet-1k/val_images.tar.gz")
+    scan_source(url).reader.prepare(tmp_path / "journal", 1, False)
+    assert [Path(target).name for _, target, _ in decompressed[0]] == ["val_images.tar"]
+    assert (staged / "val_images.tar").stat().st_mtime_ns > made["val_images.tar"]
+
+    result = run_cli(["shard", url, "--out", "s3://imgprep-hfgz/out", "--engine", "ray", "--quiet"])
+    assert result.exit_code == 1 and "the Ray workers do not see" in result.output, result.output
+

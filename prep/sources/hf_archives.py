@@ -24,6 +24,7 @@ the staged tars at the same paths, on storage every worker sees (as OUT must be)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import multiprocessing
@@ -37,9 +38,10 @@ from pathlib import Path, PurePosixPath
 
 from prep.atomic import TMP_MARK, atomic_path, no_space
 from prep.errors import OutputError, PrepError, SourceError
-from prep.sources.common import Dataset, Reject, label_flat_files, make_classes, printable, read_class_names
-from prep.sources.tars import (ArchiveReader, holds_training_tars, image_member_problem, last_of_each_name, plain_names,
-                               refuse_val_labels, split_files)
+from prep.remote import folder_at, is_url, remote_errors
+from prep.sources.common import Dataset, Reject, label_flat_files, make_classes, printable, read_class_names, source_root
+from prep.sources.tars import (ArchiveReader, holds_training_tars, image_member_problem, last_of_each_name, open_archive,
+                               plain_names, refuse_val_labels, split_files)
 
 TRAIN_ARCHIVE = re.compile(r"train_images_\d+\.tar\.gz")
 VAL_ARCHIVE = "val_images.tar.gz"
@@ -49,7 +51,7 @@ CHUNK = 1 << 20  # bytes read from a gzip stream at a time
 HINT = "download it again"
 
 
-def archive_files(root: Path) -> list[tuple[str, Path]]:
+def archive_files(root) -> list[tuple[str, Path | str]]:
     """(split, path) of the archives in ``root``, sorted by name."""
     return split_files(root, _split_of)
 
@@ -58,25 +60,28 @@ def _split_of(name: str) -> str | None:
     return "train" if TRAIN_ARCHIVE.fullmatch(name) else "val" if name == VAL_ARCHIVE else None
 
 
-def is_hf_archives(root: Path) -> bool:
+def is_hf_archives(root) -> bool:
     return holds_training_tars(root, archive_files(root))
 
 
-def scan_hf_archives(root: Path, val_labels=None) -> Dataset:
-    root = Path(root).expanduser().resolve()
+def scan_hf_archives(root, val_labels=None) -> Dataset:
+    """``root``: a folder, or a URL (each archive streamed once to list it, and once more to
+    stage it on this machine's disk)."""
+    root = source_root(root)
     refuse_val_labels(root, val_labels, "its archives name each image's class")
     index, rejects, found, gzips = {}, [], {"train": {}, "val": {}}, {}
     files = archive_files(root)
     listed = _list_archives(files)
     for split, path, members, tar_size in listed:
-        gzips[path.name] = (str(path), tar_size)
-        for member in last_of_each_name(members, split, f"{path.name}/", rejects):
-            key = f"{path.name}/{member.name}"
+        name = _name(path)
+        gzips[name] = (str(path), tar_size)
+        for member in last_of_each_name(members, split, f"{name}/", rejects):
+            key = f"{name}/{member.name}"
             reason = None if member.isdir() else image_member_problem(member, "the archive")
             if reason:
-                rejects.append(Reject(split, f"{path.name}/{printable(member.name)}", reason))
+                rejects.append(Reject(split, f"{name}/{printable(member.name)}", reason))
             elif not member.isdir():
-                index[key] = (path.name, member.offset_data, member.size)
+                index[key] = (name, member.offset_data, member.size)
                 match = WNID_IN_NAME.fullmatch(PurePosixPath(member.name).stem)
                 found[split][key] = (match.group(1) if match else None, None)
     wnids = {wnid for wnid, _ in found["train"].values() if wnid}
@@ -97,28 +102,57 @@ def _list_archives(files: list) -> list:
     listed = {}
     with WorkerPool(min(len(files), usable_cores())) as pool:
         # a bar on a terminal, nothing in logs and tests
-        bar = functools.partial(_bar, sum(path.stat().st_size for _, path in files), "list", enabled=None)
+        bar = functools.partial(_bar, sum(_size(path) for _, path in files), "list", enabled=None)
         for path, members_and_size in pool.run(_stream_members, [path for _, path in files], bar=bar, died=died):
             listed[path] = members_and_size
-            pool.bar.update(path.stat().st_size)
+            pool.bar.update(_size(path))
     return [(split, path, *listed[path]) for split, path in files]
 
 
-def _stream_members(path: Path) -> tuple[list, int]:
+def _stream_members(path) -> tuple[list, int]:
     """The members of a gzip'd tar, listed by streaming it once, and the size of the tar inside.
     Offsets are in the uncompressed tar. Damage of any kind is one error naming the file: unlike
     a plain tar, nothing after it can be found."""
     members = []
-    try:
-        with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as stream:
-            for member in tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK):
-                member.tarfile = None  # the open archive stays here: the member goes back to the parent
-                members.append(member)
-            while stream.read(CHUNK):  # past the end-of-archive blocks: the whole size, and gzip's CRC check
-                pass
-            return plain_names(members), stream.tell()  # "./NAME" as NAME, as for plain tars
-    except (OSError, EOFError, zlib.error, tarfile.TarError) as error:  # OSError: BadGzipFile, or the disk
-        raise SourceError(f"{path} cannot be read as a gzip'd tar ({error or type(error).__name__}); {HINT}") from None
+    with _read_errors(path):
+        try:
+            with open_archive(str(path)) as raw, gzip.GzipFile(fileobj=raw) as stream:
+                for member in tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK):
+                    member.tarfile = None  # the open archive stays here: the member goes back to the parent
+                    members.append(member)
+                while stream.read(CHUNK):  # past the end-of-archive blocks: the whole size, and gzip's CRC check
+                    pass
+                return plain_names(members), stream.tell()  # "./NAME" as NAME, as for plain tars
+        except (OSError, EOFError, zlib.error, tarfile.TarError) as error:  # OSError: BadGzipFile, the disk or the store
+            raise SourceError(f"{path} cannot be read as a gzip'd tar ({error or type(error).__name__}); "
+                              f"{HINT}") from None
+
+
+def _name(path) -> str:
+    return str(path).rsplit("/", 1)[-1]
+
+
+def _size(path) -> int:
+    """Bytes of an archive: a file's, or its object's in the bucket folder's one listing."""
+    if is_url(str(path)):
+        folder, name = str(path).rsplit("/", 1)
+        return folder_at(folder).listed()[name]
+    return os.stat(path).st_size
+
+
+def _mtime_ns(path) -> int:
+    """When an archive was last written: the stamp a staged tar carries, to tell whether the
+    archive it came from has been replaced since."""
+    if is_url(str(path)):
+        folder, name = str(path).rsplit("/", 1)
+        return folder_at(folder).modified_ns(name)
+    return os.stat(path).st_mtime_ns
+
+
+def _read_errors(path):
+    """Failures of the store under an archive in a bucket as one line naming it; a file's are the
+    caller's to word."""
+    return remote_errors(str(path)) if is_url(str(path)) else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- staging
@@ -174,7 +208,7 @@ def _is_staged(source: str, staged: Path, size: int) -> bool:
     """A previous run's staged tar is kept when whole (its size) and from this very archive (the
     archive's mtime, stamped on it when it was made)."""
     try:
-        return staged.stat().st_size == size and staged.stat().st_mtime_ns == os.stat(source).st_mtime_ns
+        return staged.stat().st_size == size and staged.stat().st_mtime_ns == _mtime_ns(source)
     except FileNotFoundError:
         return False
 
@@ -205,9 +239,14 @@ def _start_stager(written) -> None:
 def _stage(task) -> None:
     """In a worker: decompress one archive into its staged tar, stamped with the archive's mtime."""
     source, target, size = task
+    with _read_errors(source):
+        _stage_one(source, target, size)
+
+
+def _stage_one(source: str, target: str, size: int) -> None:
     try:
         with atomic_path(target) as tmp:
-            with gzip.open(source) as stream, open(tmp, "wb") as f:
+            with open_archive(source) as raw, gzip.GzipFile(fileobj=raw) as stream, open(tmp, "wb") as f:
                 while chunk := stream.read(CHUNK):
                     f.write(chunk)
                     with _written.get_lock():
@@ -215,7 +254,7 @@ def _stage(task) -> None:
             if os.path.getsize(tmp) != size:
                 raise SourceError(f"{source} holds a {os.path.getsize(tmp):,}-byte tar, not the {size:,} bytes the "
                                   "scan found: it changed since; rerun the command")
-            mtime = os.stat(source).st_mtime_ns
+            mtime = _mtime_ns(source)
             os.utime(tmp, ns=(mtime, mtime))
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise SourceError(f"{source} cannot be decompressed ({error or type(error).__name__}); {HINT}") from None

@@ -21,12 +21,12 @@ from __future__ import annotations
 import io
 import tarfile
 import zlib
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 from prep.errors import SourceError
-from prep.sources.common import (Dataset, Reject, is_utf8, label_flat_files, make_classes, printable, read_class_names,
-                                 read_val_labels)
-from prep.sources.tars import ArchiveReader, image_member_problem, last_of_each_name, list_members, plain_names
+from prep.sources.common import (Dataset, Reject, file_in, is_source_file, is_utf8, label_flat_files, make_classes, printable,
+                                 read_class_names, read_source_file, read_val_labels, source_root)
+from prep.sources.tars import ArchiveReader, image_member_problem, last_of_each_name, list_members, open_archive, plain_names
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -63,31 +63,49 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
-def is_ilsvrc_archive(root: Path) -> bool:
-    return (root / TRAIN_TAR).is_file()
+def is_ilsvrc_archive(root) -> bool:
+    return is_source_file(file_in(root, TRAIN_TAR))
 
 
-def scan_archives(root: Path, val_labels=None) -> Dataset:
-    root = Path(root).expanduser().resolve()
+def scan_archives(root, val_labels=None) -> Dataset:
+    """``root``: a folder, or a URL (each tar listed by streaming it forward once, the devkit
+    downloaded; each image then read with one range request)."""
+    root = source_root(root)
+    train_tar, val_tar = file_in(root, TRAIN_TAR), file_in(root, VAL_TAR)
     index, rejects, items_by_wnid = {}, [], {}
-    with open(root / TRAIN_TAR, "rb") as f:
+    with open_archive(str(train_tar)) as f:
         try:
-            outer = tarfile.open(fileobj=f, mode="r:")
-            for member in last_of_each_name(plain_names(outer.getmembers()), "train", "train/", rejects):
-                _index_class_tar(f, member, index, rejects, items_by_wnid)
+            _scan_train(f, index, rejects, items_by_wnid)
         except tarfile.TarError as error:
-            raise SourceError(f"{root / TRAIN_TAR} is not a readable tar: {error}") from None
+            raise SourceError(f"{train_tar} is not a readable tar: {error}") from None
     if not items_by_wnid:
-        raise SourceError(f"{root / TRAIN_TAR} holds no per-class tars (expected n01440764.tar ...)")
+        raise SourceError(f"{train_tar} holds no per-class tars (expected n01440764.tar ...)")
     devkit = _read_devkit(root)
-    classes = make_classes(items_by_wnid, devkit["names"] if devkit else read_class_names(root), root / TRAIN_TAR)
+    classes = make_classes(items_by_wnid, devkit["names"] if devkit else read_class_names(root), train_tar)
     label_of = {c.wnid: c.index for c in classes}
     splits = {"train": tuple(sorted((key, label_of[w]) for w, keys in items_by_wnid.items() for key in keys))}
-    archives = {"train": str(root / TRAIN_TAR)}
-    if (root / VAL_TAR).is_file():
-        archives["val"] = str(root / VAL_TAR)
+    archives = {"train": str(train_tar)}
+    if is_source_file(val_tar):
+        archives["val"] = str(val_tar)
         splits["val"] = _scan_val(root, val_labels, devkit, classes, index, rejects)
     return Dataset(str(root), classes, splits, tuple(rejects), ArchiveReader(archives, index))
+
+
+def _scan_train(f, index, rejects, items_by_wnid) -> None:
+    """The training archive open in ``f``. Each per-class tar is listed when the outer listing
+    reaches it (a tar in a bucket is read forward once); what it holds counts once the whole
+    listing shows that no later member of the same name replaces it."""
+    found = {}  # member -> (index, rejects, items_by_wnid) of that member alone
+    for member in tarfile.open(fileobj=f, mode="r:"):
+        if plain_names([member]):  # not the "./" folder
+            found[member] = ({}, [], {})
+            _index_class_tar(f, member, *found[member])
+    for member in last_of_each_name(list(found), "train", "train/", rejects):
+        its_index, its_rejects, its_items = found[member]
+        index.update(its_index)
+        rejects += its_rejects
+        for wnid, keys in its_items.items():
+            items_by_wnid.setdefault(wnid, []).extend(keys)
 
 
 def _index_class_tar(f, member, index, rejects, items_by_wnid) -> None:
@@ -116,8 +134,9 @@ def _index_class_tar(f, member, index, rejects, items_by_wnid) -> None:
 
 def _scan_val(root, val_labels, devkit, classes, index, rejects) -> tuple:
     """The flat validation archive, labelled by --val-labels or by the devkit."""
+    val_tar = file_in(root, VAL_TAR)
     members = []
-    with open(root / VAL_TAR, "rb") as f:
+    with open_archive(str(val_tar)) as f:
         try:
             listed = plain_names(tarfile.open(fileobj=f, mode="r:").getmembers())
             for member in last_of_each_name(listed, "val", "val/", rejects):
@@ -129,7 +148,7 @@ def _scan_val(root, val_labels, devkit, classes, index, rejects) -> tuple:
                     index[key] = ("val", member.offset_data, member.size)
                     members.append(member.name)
         except tarfile.TarError as error:
-            raise SourceError(f"{root / VAL_TAR} is not a readable tar: {error}") from None
+            raise SourceError(f"{val_tar} is not a readable tar: {error}") from None
     members.sort()
     if val_labels is not None:
         labels = read_val_labels(val_labels)
@@ -137,24 +156,24 @@ def _scan_val(root, val_labels, devkit, classes, index, rejects) -> tuple:
     elif devkit is not None:
         if len(devkit["ground_truth"]) != len(members):
             raise SourceError(f"the devkit's ground truth has {len(devkit['ground_truth'])} labels for "
-                              f"{len(members)} images in {root / VAL_TAR}")
+                              f"{len(members)} images in {val_tar}")
         found = {m: (devkit["wnid_of_id"].get(i), None) for m, i in zip(members, devkit["ground_truth"])}
     else:
-        raise SourceError(f"{root / VAL_TAR} holds a flat validation set without labels: add {DEVKIT} to {root}, "
+        raise SourceError(f"{val_tar} holds a flat validation set without labels: add {DEVKIT} to {root}, "
                           "or give --val-labels FILE")
     source = "the validation labels" if val_labels is not None else "the devkit"
     return label_flat_files("val", {f"val/{m}": found[m] for m in members}, classes, rejects, source,
                             "of the training archive")
 
 
-def _read_devkit(root: Path) -> dict | None:
+def _read_devkit(root) -> dict | None:
     """{"names": wnid -> words, "wnid_of_id": ILSVRC2012_ID -> wnid, "ground_truth": [ids]} or None.
 
     A damaged devkit is one SourceError naming the file and what in it is wrong: scipy and
     tarfile each have many ways to say "not readable", none of them a sentence for a user.
     """
-    path = root / DEVKIT
-    if not path.is_file():
+    path = file_in(root, DEVKIT)
+    if not is_source_file(path):
         return None
     meta, truth = _devkit_members(path)
     synsets = _devkit_synsets(path, meta)
@@ -166,10 +185,10 @@ def _read_devkit(root: Path) -> dict | None:
     return {**synsets, "ground_truth": ground_truth}
 
 
-def _devkit_members(path: Path) -> tuple[bytes, bytes]:
-    """The bytes of meta.mat and of the validation ground truth."""
+def _devkit_members(path) -> tuple[bytes, bytes]:
+    """The bytes of meta.mat and of the validation ground truth (the devkit read whole: 2.5 MB)."""
     try:
-        with tarfile.open(path, "r:gz") as devkit:
+        with tarfile.open(fileobj=io.BytesIO(read_source_file(path)), mode="r:gz") as devkit:
             files = {PurePosixPath(m.name).name: m for m in devkit.getmembers() if m.isfile()}
             missing = [n for n in ("meta.mat", "ILSVRC2012_validation_ground_truth.txt") if n not in files]
             if missing:
@@ -183,7 +202,7 @@ def _devkit_members(path: Path) -> tuple[bytes, bytes]:
     return meta, truth
 
 
-def _devkit_synsets(path: Path, meta: bytes) -> dict:
+def _devkit_synsets(path, meta: bytes) -> dict:
     """wnid -> words and ILSVRC2012_ID -> wnid of the leaf synsets (the 1000 classes) in meta.mat."""
     import scipy.io
     from scipy.io.matlab import MatReadError
