@@ -34,7 +34,7 @@ from augment.buffers import ReusedOutputs
 from augment.errors import worker_errors_reported
 from augment.params import ten_crop_windows
 from augment.streams import Delivered, StreamRequest
-from augment.windows import cut_ten, cut_windows, decoded, quiet_threads
+from augment.windows import cut_ten, cut_windows, decoded, quiet_threads, window_sources
 from prep.lifeline import become_worker, starting_workers
 
 STOP_GRACE_SECONDS = 5  # a worker that has not left this long after being told to is killed
@@ -142,7 +142,7 @@ class ShardSource:
             images = cut_ten(decoded(reader, batch.indices, stored), spec,
                              np.empty((size, 10, spec.crop, spec.crop, 3), np.uint8))
         elif self.kind == "windows":
-            images = cut_windows(decoded(reader, batch.indices, stored), params, batch.res,
+            images = cut_windows(*window_sources(reader, batch.indices, stored, params), batch.res,
                                  np.empty((size, batch.res, batch.res, 3), np.uint8))
         else:
             images = stored  # views into the memory maps, or the JPEG bytes: DALI copies them once

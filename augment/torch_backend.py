@@ -32,7 +32,7 @@ from augment.errors import worker_errors_reported
 from augment.feed import PlannedBatch
 from augment.streams import Delivered, StreamRequest
 from augment.torch_ops import augment_whole, finish, finish_ten, mirror_windows, on_device, ten_crop_batch
-from augment.windows import cut_ten, cut_windows, decoded, quiet_threads
+from augment.windows import cut_ten, cut_windows, decoded, quiet_threads, window_sources
 from prep.lifeline import starting_workers
 
 PARAMETERS = 8  # per sample: x, y, mirror, offset R, G, B, label, (unused)
@@ -159,12 +159,13 @@ class SlotFiller(torch.utils.data.Dataset):
             self._reader.gather(batch.indices, images[: size * self._reader.size ** 2 * 3].reshape(
                 size, self._reader.size, self._reader.size, 3))
         else:
-            sources = decoded(self._reader, batch.indices, self._reader.stored_many(batch.indices))
+            stored = self._reader.stored_many(batch.indices)
             if self.spec.mode == "test10":
                 side = self.spec.crop
-                cut_ten(sources, self.spec, images[: size * 10 * side * side * 3].reshape(size, 10, side, side, 3))
+                cut_ten(decoded(self._reader, batch.indices, stored), self.spec,
+                        images[: size * 10 * side * side * 3].reshape(size, 10, side, side, 3))
             else:
-                cut_windows(sources, batch.params, batch.res,
+                cut_windows(*window_sources(self._reader, batch.indices, stored, batch.params), batch.res,
                             images[: size * batch.res ** 2 * 3].reshape(size, batch.res, batch.res, 3))
         params = self.params[slot].numpy()
         params[:, 0], params[:, 1], params[:, 2] = batch.params.x, batch.params.y, batch.params.mirror

@@ -16,12 +16,14 @@ Evaluation windows at a val_resize may start and end between pixels (torchvision
 CenterCrop, as one window): Pillow's antialiased bilinear resamples those, placing the box to the
 fraction of a pixel.
 
-JPEG shards are decoded here first (libjpeg-turbo through simplejpeg), after the blob's header
-was checked against the stored size.
+JPEG shards are decoded here first, after the blob's header was checked against the stored size:
+only each window's region where the window is whole pixels (``window_sources``), the whole
+image otherwise (libjpeg-turbo either way).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -101,3 +103,19 @@ def cut_ten(images: list[np.ndarray], spec: AugmentSpec, out: np.ndarray) -> np.
 def decoded(reader, indices, stored: list[np.ndarray]) -> list[np.ndarray]:
     """The images ``stored_many`` gave for ``indices``, decoded where the shards hold JPEGs."""
     return [reader.decode_stored(int(i), image) for i, image in zip(indices, stored)]
+
+
+def window_sources(reader, indices, stored: list[np.ndarray], params: SampleParams) -> tuple[list, SampleParams]:
+    """What ``cut_windows`` needs of the images ``stored_many`` gave for ``indices``, and the
+    windows' places in it. A window of whole pixels comes alone, placed at (0, 0): a view of a raw
+    image, or from a JPEG only that region decoded (``SplitReader.windows_stored``). A window
+    between pixels (evaluation at val_resize) needs its neighbours: its image comes whole. The
+    pixels cut are the same either way."""
+    boxes = np.stack([params.x, params.y, params.width, params.height], axis=1)
+    whole = (boxes == np.round(boxes)).all(axis=1)
+    if not whole.any():
+        return decoded(reader, indices, stored), params
+    windows = iter(reader.windows_stored(np.asarray(indices)[whole], [s for s, w in zip(stored, whole) if w],
+                                         boxes[whole].astype(np.int64).tolist()))
+    sources = [next(windows) if w else reader.decode_stored(int(i), s) for i, s, w in zip(indices, stored, whole)]
+    return sources, dataclasses.replace(params, x=np.where(whole, 0, params.x), y=np.where(whole, 0, params.y))

@@ -356,6 +356,22 @@ class SplitReader:
         file_no, local = self.locate(index)
         return self.shard_file(file_no).images.decode(stored, local)
 
+    def windows_stored(self, indices, stored: list[np.ndarray], boxes: list[tuple[int, int, int, int]]) -> list[np.ndarray]:
+        """Window ``boxes[b]`` = (x, y, w, h), whole pixels, of image ``indices[b]`` from what
+        ``stored_many`` returned for it: a view (raw), or only that window decoded, the batch's
+        JPEGs in one call (``prep.encodings.decode_jpeg_windows``)."""
+        if not self.storage.compressed:
+            return [image[y : y + h, x : x + w] for image, (x, y, w, h) in zip(stored, boxes)]
+        from prep.encodings import decode_jpeg_windows
+
+        windows = decode_jpeg_windows(stored, boxes)
+        for index, window in zip(np.asarray(indices).tolist(), windows):
+            if window is None:
+                file_no, local = self.locate(index)
+                raise ShardFormatError(f"shard {self.shard_file(file_no).path}: image {local} is not a readable "
+                                       "JPEG (imgprep verify)")
+        return windows
+
     def shapes_of(self, indices) -> np.ndarray:
         """(height, width) of each of ``indices``, int64 [len, 2], from the shards' size tables."""
         if self.square:

@@ -68,6 +68,19 @@ def stats_shards(tmp_path_factory, shards):
 
 
 @pytest.fixture(scope="session")
+def keep_jpeg_shards(tmp_path_factory, fake_src):
+    """fake_src sharded with the aspect kept, as JPEGs, plus its stats.json."""
+    from prep.stats import compute_stats
+
+    out = tmp_path_factory.mktemp("keep-jpeg") / "out"
+    result = run_cli(["shard", str(fake_src), "--out", str(out), "--policy", "keep", "--encoding", "jpeg",
+                      "--shard-size", "16", "--workers", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    compute_stats(out, workers=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def keep_shards(tmp_path_factory, fake_src):
     """fake_src sharded with the aspect kept (policy keep), plus its stats.json."""
     from prep.stats import compute_stats

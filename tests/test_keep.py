@@ -111,6 +111,58 @@ def test_jpeg_keep_shards_hold_the_raw_images_re_encoded(keep_shards, fake_src, 
         assert psnr(raw[i][0], jpeg[i][0]) > 33
 
 
+@pytest.mark.parametrize("subsampling", ["420", "444"])
+def test_a_jpeg_window_decodes_to_that_region_of_the_whole_decoded_image(subsampling, monkeypatch):
+    """Windows at any offset (odd ones, the far edges, single pixels) against Pillow's decode of
+    the whole image; with and without nvImageCodec; a cut-off or garbled blob gives None."""
+    import simplejpeg
+
+    import prep.encodings
+    from prep.encodings import decode_jpeg_windows
+
+    rng = np.random.default_rng(7)
+    blobs, boxes, expected = [], [], []
+    for _ in range(24):
+        height, width = 256, int(rng.integers(200, 520))
+        rows, columns = np.mgrid[0:height, 0:width]
+        image = np.stack([rows * 0.9, columns * 0.6, (rows + columns) * 0.3], -1) % 256
+        image = np.clip(image + rng.normal(0, 25, image.shape), 0, 255).astype(np.uint8)  # texture for the DCT
+        blob = np.frombuffer(simplejpeg.encode_jpeg(image, quality=int(rng.integers(60, 96)), colorspace="RGB",
+                                                    colorsubsampling=subsampling), np.uint8)
+        whole = np.asarray(Image.open(io.BytesIO(blob.tobytes())).convert("RGB"))
+        for _ in range(8):
+            w, h = int(rng.integers(1, width + 1)), int(rng.integers(1, height + 1))
+            x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            blobs.append(blob), boxes.append((x, y, w, h)), expected.append(whole[y : y + h, x : x + w])
+    blobs.append(blob), boxes.append((width - 1, height - 1, 1, 1)), expected.append(whole[-1:, -1:])
+    for label in ("nvImageCodec", "whole, then cut"):
+        if label != "nvImageCodec":
+            monkeypatch.setattr(prep.encodings, "_window_decoder", lambda: None)
+        got = decode_jpeg_windows(blobs, boxes)
+        assert len(got) == len(expected)
+        for window, want, box in zip(got, expected, boxes):
+            assert window is not None and window.shape == want.shape and np.array_equal(window, want), (label, box)
+        cut_off, garbled = blobs[0][: len(blobs[0]) // 2], blobs[0].copy()
+        garbled[2:600] = 0
+        assert decode_jpeg_windows([cut_off, garbled, blobs[0]], boxes[:3])[:2] == [None, None]
+
+
+def test_a_cut_off_jpeg_is_named_when_only_its_window_is_decoded(keep_jpeg_shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(keep_jpeg_shards, copy)
+    first = sorted((copy / "train").glob("*.h5"))[0]
+    with h5py.File(first, "r+") as h5:
+        blob = h5["jpeg"][0]
+        h5["jpeg"][0] = blob[: len(blob) // 2]  # its header intact: only the decoder can tell
+    reader = open_shards(copy).split("train")
+    stored = reader.stored_many(np.array([0, 1]))
+    assert [w.shape for w in reader.windows_stored(np.array([1]), stored[1:], [(2, 3, 40, 30)])] == [(30, 40, 3)]
+    with pytest.raises(ShardFormatError, match=rf"{first.name}: image 0 is not a readable JPEG \(imgprep verify\)"):
+        reader.windows_stored(np.array([0]), stored[:1], [(0, 0, 8, 8)])
+
+
 def test_a_resumed_keep_run_rebuilds_only_what_is_missing(keep_shards, fake_src, tmp_path):
     import shutil
 

@@ -77,9 +77,9 @@ def collect(loader, epoch=0, res=None):
     return [(images.clone(), labels.clone()) for images, labels in loader]
 
 
-@pytest.fixture(scope="module", params=["square", "keep"])
-def shard_kind(request, stats_shards, keep_shards):
-    return request.param, stats_shards if request.param == "square" else keep_shards
+@pytest.fixture(scope="module", params=["square", "keep", "keep jpeg"])
+def shard_kind(request, stats_shards, keep_shards, keep_jpeg_shards):
+    return request.param, {"square": stats_shards, "keep": keep_shards, "keep jpeg": keep_jpeg_shards}[request.param]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -242,3 +242,30 @@ def test_resolution_rules_are_one_line(keep_shards, stats_shards):
         Loader(keep_shards, "train", 8, AugmentSpec(normalize="mean-image"), backend="torch", device="cpu")
     with pytest.raises(AugmentError, match="val_resize 200 is smaller than the crop 224"):
         AugmentSpec(mode="val", val_resize=200)
+
+
+def test_jpeg_windows_decode_only_the_window_to_the_pixels_of_the_whole_image(keep_jpeg_shards, monkeypatch):
+    """The default path (DALI, worker processes) decodes each training window's region alone;
+    decoding every image whole and cutting it must give the very same batches."""
+    import prep.encodings
+
+    spec = AugmentSpec(crop_mode="random-resized", crop=96, **RAW)
+    decoded_regions = []
+    real = prep.encodings.decode_jpeg_windows
+    monkeypatch.setattr(prep.encodings, "decode_jpeg_windows",
+                        lambda blobs, boxes: decoded_regions.append(len(blobs)) or real(blobs, boxes))
+    with Loader(keep_jpeg_shards, "train", 8, spec, backend="torch", device="cpu", workers=0, seed=4) as loader:
+        by_window = collect(loader, epoch=1)
+    assert sum(decoded_regions) == 8 * len(by_window) > 0  # every sample went through the region decoder
+    monkeypatch.setattr(prep.encodings, "decode_jpeg_windows", real)
+    with Loader(keep_jpeg_shards, "train", 8, spec, device="cpu", workers=2, seed=4) as loader:
+        assert loader.backend == ("dali" if dali_available() else "torch")
+        default = collect(loader, epoch=1)
+    monkeypatch.setattr(prep.encodings, "_window_decoder", lambda: None)  # forked workers inherit it
+    with Loader(keep_jpeg_shards, "train", 8, spec, device="cpu", workers=2, seed=4) as loader:
+        whole = collect(loader, epoch=1)
+    assert len(default) == len(whole) == len(by_window)
+    for (a, la), (b, lb), (c, lc) in zip(default, whole, by_window):
+        assert torch.equal(la, lb) and torch.equal(la, lc)
+        assert torch.equal(a, b) and torch.equal(a, c)
+
