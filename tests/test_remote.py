@@ -266,6 +266,37 @@ def test_train_runs_on_a_bucket_through_a_bounded_cache_as_on_the_local_folder(b
 
 
 
+def test_two_ranks_train_on_a_bucket_through_one_bounded_cache_with_dali_workers(bucket, small_shards, tmp_path):
+    """The path users get: two processes (torch.distributed, gloo), the DALI backend with worker
+    processes, one node's cache of 60% of the shards shared by both ranks. (Each of the six
+    readers, a rank and its two workers twice, may keep two files open: a cache must hold their
+    twelve files and the window being read; 30% of these 15 files would not.)"""
+    from augment.loader import dali_available
+    from helpers import assert_group_ends, run_command
+
+    files = sorted((small_shards / "train").glob("*.h5"))
+    limit = sum(f.stat().st_size for f in files) * 6 // 10
+    cache = tmp_path / "cache"
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
+    result, group = run_command([sys.executable, "-m", "train", "run", bucket, "--arch", "tiny_models:tiny",
+                                 "--nproc", "2", "--device", "cpu", "--workers", "2", "--batch-size", "4", "--crop", "24",
+                                 "--epochs", "2", "--lighting", "0", "--cache", cache, "--cache-limit", limit,
+                                 "--out", tmp_path / "run"], env=env, timeout=280)
+    assert_group_ends(group)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"2 x cpu, backend {'dali' if dali_available() else 'torch'}" in result.stdout
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(np.isfinite(line["train_loss"]) for line in lines)
+    import torch
+
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["loader"]["window"] >= 1  # shard-window order
+    cached = [p for p in cache.rglob("*") if p.is_file() and p.suffix == ".h5"]
+    assert cached and sum(p.stat().st_size for p in cached) <= limit  # what the last window left, within the limit
+    for path in cached:  # whole files only: no half-written download was left or kept
+        assert path.read_bytes() == (small_shards / path.parent.name / path.name).read_bytes()
+
+
 def test_shard_to_a_bucket_uploads_the_disk_runs_bytes_and_a_rerun_uploads_only_what_is_missing(
         s3_server, fake_src, small_shards, tmp_path, monkeypatch):
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
