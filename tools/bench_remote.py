@@ -7,7 +7,9 @@ shards on disk, in one run. The bucket is moto's S3 server on 127.0.0.1 (``pip i
 Rows: local shards; the bucket with a cold cache (every file downloaded, sha256-checked); the
 same with the cache warm; and a cache of a quarter of the data, where training reads in
 shard-window order: bytes downloaded per epoch (all processes) and img/s. A second table times
-``imgprep shard`` of the same JPEG tree disk to disk, bucket to disk and bucket to bucket.
+``imgprep shard`` of the same JPEGs disk to disk, bucket to disk and bucket to bucket as a tree,
+and disk to disk and bucket to disk as an ILSVRC-2012 training tar and as webdataset tars (each
+"vs disk" against the same layout on disk).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def main(images, size, workers, markdown):
     from augment import AugmentSpec, Loader
     from prep.cache import ShardCache
     from tools.fake_imagenet import make_fake_imagenet
+    from tools.source_layouts import ilsvrc_archives, webdataset_tars
 
     work = Path(tempfile.mkdtemp(prefix="imgprep-bench-remote-"))
     with socket.socket() as s:
@@ -106,11 +109,22 @@ def main(images, size, workers, markdown):
         table += [f"| {name} | {rate:,.0f} | {rate / local:.2f} | {got / 2**20:.1f} |" for name, rate, got in rows]
         fs.put(str(src), "bench/src", recursive=True)
         fs.mkdir("bench-out")
-        sharded = [("disk to disk", shard_rate(src, work / "again", images, size, workers)),
-                   ("bucket to disk", shard_rate("s3://bench/src", work / "from-bucket", images, size, workers)),
-                   ("bucket to bucket", shard_rate("s3://bench/src", "s3://bench-out/shards", images, size, workers))]
+        on_disk = shard_rate(src, work / "again", images, size, workers)
+        sharded = [("tree, disk to disk", on_disk, on_disk),  # (row, img/s, img/s of its layout on disk)
+                   ("tree, bucket to disk", shard_rate("s3://bench/src", work / "from-bucket", images, size, workers),
+                    on_disk),
+                   ("tree, bucket to bucket", shard_rate("s3://bench/src", "s3://bench-out/shards", images, size,
+                                                         workers), on_disk)]
+        for layout, make in (("ILSVRC-2012 train tar", ilsvrc_archives), ("webdataset tars", webdataset_tars)):
+            archives = make(src, work / layout.replace(" ", "-"))
+            fs.put(str(archives), f"bench/{archives.name}", recursive=True)
+            on_disk = shard_rate(archives, work / f"{archives.name}-out", images, size, workers)
+            from_bucket = shard_rate(f"s3://bench/{archives.name}", work / f"{archives.name}-from-bucket", images,
+                                     size, workers)
+            sharded += [(f"{layout}, disk to disk", on_disk, on_disk),
+                        (f"{layout}, bucket to disk", from_bucket, on_disk)]
         table += ["", f"| `imgprep shard` of the {images:,} JPEGs, {workers} workers | img/s | vs disk |", "|---|---|---|"]
-        table += [f"| {name} | {rate:,.0f} | {rate / sharded[0][1]:.2f} |" for name, rate in sharded]
+        table += [f"| {name} | {rate:,.0f} | {rate / disk:.2f} |" for name, rate, disk in sharded]
         report("\n".join(table), markdown)
     finally:
         server.terminate()
