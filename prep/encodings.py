@@ -397,19 +397,26 @@ def decode_jpeg_windows(blobs: list[np.ndarray], boxes: list[tuple[int, int, int
 
 def _window_decoder():
     """This process's nvImageCodec decoder on one CPU thread (loader workers are the
-    parallelism), or None without nvImageCodec."""
+    parallelism), or None without nvImageCodec, or where it cannot start (said once a process:
+    the whole images are decoded instead, to the same pixels)."""
     import os
 
     pid = os.getpid()
     if pid not in _WINDOW_DECODER:
+        _WINDOW_DECODER[pid] = None
         try:
             from nvidia import nvimgcodec
         except ImportError:
-            _WINDOW_DECODER[pid] = None
-        else:
+            return None
+        try:
             _WINDOW_DECODER[pid] = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
                                                       max_num_cpu_threads=1,
                                                       backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.CPU_ONLY)])
+        except Exception as error:  # its own error types; the fallback gives the same pixels, slower
+            import warnings
+
+            warnings.warn(f"nvImageCodec's CPU decoder did not start ({error}); JPEG windows are cut from "
+                          "whole decoded images", RuntimeWarning, stacklevel=2)
     return _WINDOW_DECODER[pid]
 
 

@@ -67,8 +67,8 @@ def fake_dataset(train: int, val_per_class: int):
 
 
 def make_shards(work: Path, images: int, val_per_class: int, workers: int) -> dict:
-    """Raw and JPEG shard folders, and aspect-kept raw ones ("keep"), with colour statistics, of
-    the same fake pictures."""
+    """Raw and JPEG shard folders, and aspect-kept raw and JPEG ones ("keep", "keep-jpeg"), with
+    colour statistics, of the same fake pictures."""
     from prep.job import run_shard_job
     from prep.plan import ShardOptions
     from prep.stats import compute_stats
@@ -77,7 +77,8 @@ def make_shards(work: Path, images: int, val_per_class: int, workers: int) -> di
     shards = {}
     for name, options in (("raw", ShardOptions(encoding="raw", shard_size=256)),
                           ("jpeg", ShardOptions(encoding="jpeg", shard_size=256)),
-                          ("keep", ShardOptions(encoding="raw", policy="keep", shard_size=256))):
+                          ("keep", ShardOptions(encoding="raw", policy="keep", shard_size=256)),
+                          ("keep-jpeg", ShardOptions(encoding="jpeg", policy="keep", shard_size=256))):
         out = work / f"shards-{name}"
         run_shard_job(dataset, out, options, workers, progress=False)
         compute_stats(out, workers=workers, progress=False)
@@ -213,6 +214,10 @@ def keep_rows(numbers: Numbers, loaders: Loaders, run: dict) -> None:
         for res in (160, 192, 224):
             numbers.row("loader", f"loader {backend} keep random-resized {res}",
                         img_per_s=rate(endless(loader, res=res), run))
+    for backend in backends():  # JPEG: nvJPEG (DALI), or only each window decoded in forked workers (torch)
+        loader = loaders.stack.enter_context(Loader(loaders.shards["keep-jpeg"], "train", loaders.batch, spec,
+                                                    backend=backend, device=loaders.device, workers=loaders.workers))
+        numbers.row("loader", f"loader {backend} keep-jpeg random-resized 224", img_per_s=rate(endless(loader), run))
 
 
 def ceiling_row(numbers: Numbers, loaders: Loaders, run: dict) -> None:
