@@ -388,11 +388,11 @@ def decode_jpeg_windows(blobs: list[np.ndarray], boxes: list[tuple[int, int, int
         return [_whole_then_cut(blob, box) for blob, box in zip(blobs, boxes)]
     from nvidia import nvimgcodec
 
-    whole = [bytes(blob[-2:]) == JPEG_END for blob in blobs]  # a cut-off blob: libjpeg would pad it silently
+    complete = [bytes(blob[-2:]) == JPEG_END for blob in blobs]  # a cut-off blob: libjpeg would pad it silently
     regions = [nvimgcodec.CodeStream(blob).get_sub_code_stream(region=nvimgcodec.Region(start=(y, x), end=(y + h, x + w)))
-               for blob, (x, y, w, h), ok in zip(blobs, boxes, whole) if ok]
+               for blob, (x, y, w, h), ok in zip(blobs, boxes, complete) if ok]
     decoded = iter(decoder.decode(regions) if regions else [])
-    return [(None if (image := next(decoded)) is None else np.asarray(image)) if ok else None for ok in whole]
+    return [(None if (image := next(decoded)) is None else np.asarray(image)) if ok else None for ok in complete]
 
 
 def _window_decoder():
