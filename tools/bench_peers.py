@@ -33,8 +33,10 @@ What each path does, at its best settings we know of for a CPU machine:
   lighting=0, normalize="torchvision"), backend="dali" | "torch", device="cpu", workers=2)``;
   on a square crop shard the random-resized window is drawn from the 256 x 256 image. A
   reference row per backend runs the paper's recipe (the default ``AugmentSpec()``: a fixed
-  224 window, mirror, PCA lighting, the shards' own per-channel statistics) on raw crop shards.
-  Each epoch is a full seeded permutation.
+  224 window, mirror, PCA lighting, the shards' own per-channel statistics) on raw crop shards,
+  and one reads JPEG keep shards of shorter side 192, which store a 4:3 photo in FFCV's pixels
+  (256 x 192): the per-pixel comparison with FFCV's JPEG row. Each epoch is a full seeded
+  permutation.
 - DALI (its own pipeline, no imgprep code): ``fn.readers.file`` over the JPEG tree with
   ``shuffle_after_epoch`` (a full permutation per epoch), ``fn.decoders.image_random_crop``
   on the CPU (decodes only the window's region where the decoder can), ``fn.resize`` to
@@ -95,6 +97,7 @@ RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop: window width / height
 MEAN = (0.485, 0.456, 0.406)  # ImageNet mean and std, pixels on a 0-1 scale
 STD = (0.229, 0.224, 0.225)
 STORED = 256  # side of the stored images (FFCV: longer side; imgprep: square or shorter side)
+FFCV_SHORTER = 192  # imgprep's shorter side that stores a 4:3 photo in FFCV's pixels (256 x 192)
 
 INSTALL = {
     "ffcv": "apt-get install pkg-config libopencv-dev libturbojpeg0-dev && pip install --no-deps ffcv==1.0.2 "
@@ -335,15 +338,15 @@ def write_beton(files: list[Path], out: Path, mode: str, workers: int) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
-def write_shards(tree: Path, out: Path, policy: str, encoding: str, workers: int) -> float:
+def write_shards(tree: Path, out: Path, policy: str, encoding: str, workers: int, size: int = STORED) -> float:
     """img/s of `imgprep shard` (scan included), as the CLI runs it."""
     from prep.job import run_shard_job
     from prep.plan import ShardOptions
     from prep.sources import scan_tree
 
     start = time.perf_counter()
-    summary = run_shard_job(scan_tree(tree), out, ShardOptions(policy=policy, encoding=encoding, quality=90), workers,
-                            progress=False)
+    summary = run_shard_job(scan_tree(tree), out, ShardOptions(size=size, policy=policy, encoding=encoding, quality=90),
+                            workers, progress=False)
     return sum(summary.counts.values()) / (time.perf_counter() - start)
 
 
@@ -360,12 +363,12 @@ def beton_contents(beton: Path) -> tuple[float, float]:
     return reader.alloc_table["size"].sum() / reader.num_samples, float(pixels)
 
 
-def shard_pixels(sizes: list[tuple[int, int]], policy: str) -> float:
-    """Mean pixels an image of crop or keep shards holds, from the source images' sizes."""
+def shard_pixels(sizes: list[tuple[int, int]], policy: str, side: int = STORED) -> float:
+    """Mean pixels an image of crop or keep shards of ``side`` holds, from the source images' sizes."""
     if policy == "crop":
-        return STORED * STORED
-    # keep: shorter side to 256, the longer cut centrally to at most 2x that
-    return sum(STORED * min(round(max(w, h) * STORED / min(w, h)), 2 * STORED) for w, h in sizes) / len(sizes)
+        return side * side
+    # keep: shorter side to ``side``, the longer cut centrally to at most 2x that
+    return sum(side * min(round(max(w, h) * side / min(w, h)), 2 * side) for w, h in sizes) / len(sizes)
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -423,14 +426,22 @@ def writer_rows(tree: Path, work: Path, files: list[Path], workers: int, runs: i
             data, pixels = beton_contents(beton)
             rows.append((f"FFCV DatasetWriter, {label}, max side 256", rate, beton.stat().st_size / len(files),
                          data, pixels))
-    for policy, what in (("crop", "256 x 256"), ("keep", "shorter side 256")):
-        for encoding, label in (("raw", "raw"), ("jpeg", "JPEG q90")):
-            stores[f"{policy} {encoding}"] = out = work / f"{policy}-{encoding}"
-            rate = written(lambda o, p=policy, e=encoding: write_shards(tree, o, p, e, workers), out, runs)
+    # the last: keep JPEG shards of FFCV's pixel count (a 4:3 photo 256 x 192 in both)
+    for policy, side, encodings in (("crop", STORED, ("raw", "jpeg")), ("keep", STORED, ("raw", "jpeg")),
+                                    ("keep", FFCV_SHORTER, ("jpeg",))):
+        what = f"{side} x {side}" if policy == "crop" else f"shorter side {side}"
+        for encoding in encodings:
+            label = "raw" if encoding == "raw" else "JPEG q90"
+            stores[store_name(policy, encoding, side)] = out = work / f"{policy}-{encoding}-{side}"
+            rate = written(lambda o, p=policy, e=encoding, s=side: write_shards(tree, o, p, e, workers, s), out, runs)
             size = sum(f.stat().st_size for f in out.rglob("*.h5")) / len(files)
             rows.append((f"imgprep shard --policy {policy}, {label}, {what}", rate, size, None,
-                         shard_pixels(sizes, policy)))
+                         shard_pixels(sizes, policy, side)))
     return rows, stores
+
+
+def store_name(policy: str, encoding: str, side: int = STORED) -> str:
+    return f"{policy} {encoding}" + ("" if side == STORED else f" {side}")
 
 
 def loader_paths(tree: Path, files: list[Path], stores: dict, batch: int, workers: int, skipped: list[str]):
@@ -449,6 +460,9 @@ def loader_paths(tree: Path, files: list[Path], stores: dict, batch: int, worker
                               lambda b=backend, s=store: imgprep_batches(s, batch, workers, b, paper=False)))
         paths.append((f"imgprep Loader {backend}, crop shards raw, paper recipe (reference)",
                       lambda b=backend: imgprep_batches(stores["crop raw"], batch, workers, b, paper=True)))
+        paths.append((f"imgprep Loader {backend}, keep shards jpeg, shorter side {FFCV_SHORTER} (FFCV's pixels)",
+                      lambda b=backend: imgprep_batches(stores[store_name("keep", "jpeg", FFCV_SHORTER)], batch,
+                                                        workers, b, paper=False)))
     if reason := missing("nvidia.dali"):
         skip(skipped, f"DALI file reader: {reason}")
     else:
