@@ -144,6 +144,8 @@ class ShardSource:
         elif self.kind == "windows":
             images = cut_windows(*window_sources(reader, batch.indices, stored, params), batch.res,
                                  np.empty((size, batch.res, batch.res, 3), np.uint8))
+        elif reader.bounded and not reader.storage.compressed:  # copied here, so that the files can be let go
+            images = [np.array(image) for image in stored]
         else:
             images = stored  # views into the memory maps, or the JPEG bytes: DALI copies them once
         shapes = reader.shapes_of(batch.indices)
@@ -151,6 +153,7 @@ class ShardSource:
         span_x = np.maximum(shapes[:, 1] - params.width, 1)  # (the crop graph's windows are whole pixels)
         span_y = np.maximum(shapes[:, 0] - params.height, 1)
         start = np.stack([params.y, params.x], axis=1).astype(np.float32)
+        reader.let_go()  # (a bounded cache: no image below is a view of a file)
         return FeedRecord(
             images=list(images), labels=batch.labels, offsets=batch.offsets,
             crop_x=(params.x / span_x).astype(np.float32), crop_y=(params.y / span_y).astype(np.float32),

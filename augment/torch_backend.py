@@ -170,6 +170,7 @@ class SlotFiller(torch.utils.data.Dataset):
         params = self.params[slot].numpy()
         params[:, 0], params[:, 1], params[:, 2] = batch.params.x, batch.params.y, batch.params.mirror
         params[:, 3:6], params[:, 6] = batch.offsets, batch.labels
+        self._reader.let_go()  # the images are copied into the slot
         return Filled(slot, batch)
 
     def __len__(self) -> int:

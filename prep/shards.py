@@ -410,6 +410,19 @@ class SplitReader:
             labels[where] = self.shard_file(file_no).labels[locals_[where]]
         return labels
 
+    @property
+    def bounded(self) -> bool:
+        """Whether the files come from a cache too small to keep them all open (see ``let_go``)."""
+        return self.max_open < len(self.files)
+
+    def let_go(self) -> None:
+        """Close the files of a bounded cache once a batch's images are copied out of them: a
+        reader between batches then keeps no file from eviction, so the idle workers of several
+        ranks cannot fill a node's cache with files nobody reads. (Raw images handed on as views
+        of the memory maps must be copied first.)"""
+        if self.bounded:
+            self.close()
+
     def close(self) -> None:
         for shard in self._open.values():
             shard.close()

@@ -268,14 +268,14 @@ def test_train_runs_on_a_bucket_through_a_bounded_cache_as_on_the_local_folder(b
 
 def test_two_ranks_train_on_a_bucket_through_one_bounded_cache_with_dali_workers(bucket, small_shards, tmp_path):
     """The path users get: two processes (torch.distributed, gloo), the DALI backend with worker
-    processes, one node's cache of 60% of the shards shared by both ranks. (Each of the six
-    readers, a rank and its two workers twice, may keep two files open: a cache must hold their
-    twelve files and the window being read; 30% of these 15 files would not.)"""
+    processes, one node's cache of 30% of the shards (four of the 15 files) shared by both ranks.
+    Four workers each keeping their last two files open while idle would hold eight, and the run
+    waited two minutes for room and stopped: a worker lets its files go after each batch."""
     from augment.loader import dali_available
     from helpers import assert_group_ends, run_command
 
     files = sorted((small_shards / "train").glob("*.h5"))
-    limit = sum(f.stat().st_size for f in files) * 6 // 10
+    limit = sum(f.stat().st_size for f in files) * 3 // 10
     cache = tmp_path / "cache"
     tests = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
