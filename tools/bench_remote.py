@@ -48,6 +48,23 @@ def epoch_rate(loader, epoch: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def bounded_epochs(url: str, cache: Path, limit: int, common: dict, label: str) -> list[tuple[str, float, int]]:
+    """(row, img/s, bytes downloaded) of two epochs of a Loader over ``url`` with a cache of
+    ``limit`` bytes; ``label`` may name the Loader's {window}."""
+    from augment import Loader
+    from prep.cache import ShardCache
+
+    rows = []
+    with Loader(url, cache=cache, cache_limit=limit, **common) as loader:
+        counter = ShardCache(url, cache)
+        for epoch in range(2):
+            before = counter.downloaded_bytes()
+            rate = epoch_rate(loader, epoch)
+            rows.append((f"bucket, {label.format(window=loader.window)}, epoch {epoch}", rate,
+                         counter.downloaded_bytes() - before))
+    return rows
+
+
 @click.command()
 @click.option("--images", default=1024, show_default=True, help="Training images (8 classes).")
 @click.option("--size", default=128, show_default=True, help="Shard side in pixels.")
@@ -98,26 +115,14 @@ def main(images, size, workers, markdown):
                                                                 counter.downloaded_bytes() - cold_bytes)]
         shutil.rmtree(cache)
         limit = total // 4
-        with Loader(url, cache=cache, cache_limit=limit, **common) as loader:
-            counter = ShardCache(url, cache)
-            for epoch in range(2):
-                before = counter.downloaded_bytes()
-                rate = epoch_rate(loader, epoch)
-                rows.append((f"bucket, cache 25% (window of {loader.window} shards), epoch {epoch}", rate,
-                             counter.downloaded_bytes() - before))
+        rows += bounded_epochs(url, cache, limit, common, "cache 25% (window of {window} shards)")
         shutil.rmtree(cache)
         import augment.loader
 
         chosen = augment.loader.window_for
         augment.loader.window_for = lambda reader, window: None  # fully random order: not offered to users
         try:
-            with Loader(url, cache=cache, cache_limit=limit, **common) as loader:
-                counter = ShardCache(url, cache)
-                for epoch in range(2):
-                    before = counter.downloaded_bytes()
-                    rate = epoch_rate(loader, epoch)
-                    rows.append((f"bucket, cache 25%, fully random order (forced), epoch {epoch}", rate,
-                                 counter.downloaded_bytes() - before))
+            rows += bounded_epochs(url, cache, limit, common, "cache 25%, fully random order (forced)")
         finally:
             augment.loader.window_for = chosen
         table = [f"{images:,} train images at {size} px, raw, {len(list((shards / 'train').glob('*.h5')))} shard "
