@@ -186,6 +186,12 @@ def folder_at(url: str) -> Remote:
     return _FOLDERS.setdefault(str(url).rstrip("/"), Remote(url))
 
 
+def object_at(url: str) -> tuple[Remote, str]:
+    """(this process's Remote for the folder holding object ``url``, the object's name in it)."""
+    folder, name = str(url).rsplit("/", 1)
+    return folder_at(folder), name
+
+
 def forget_listings() -> None:
     for remote in _FOLDERS.values():
         remote._listed = None

@@ -149,21 +149,21 @@ def file_in(root, name: str) -> Path | str:
 
 def is_source_file(where) -> bool:
     """A regular file, or an object in its folder's one listing (``prep.remote.folder_at``)."""
-    from prep.remote import folder_at, is_url
+    from prep.remote import is_url, object_at
 
     if is_url(where):
-        folder, name = where.rsplit("/", 1)
-        return name in folder_at(folder).listed()
+        remote, name = object_at(where)
+        return name in remote.listed()
     return Path(where).is_file()
 
 
 def read_source_file(where) -> bytes:
     """The whole of a small file or object (a devkit, a synset list)."""
-    from prep.remote import folder_at, is_url
+    from prep.remote import is_url, object_at
 
     if is_url(where):
-        folder, name = where.rsplit("/", 1)
-        return folder_at(folder).read_bytes(name)
+        remote, name = object_at(where)
+        return remote.read_bytes(name)
     return Path(where).read_bytes()
 
 

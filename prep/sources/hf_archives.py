@@ -38,7 +38,7 @@ from pathlib import Path, PurePosixPath
 
 from prep.atomic import TMP_MARK, atomic_path, no_space
 from prep.errors import OutputError, PrepError, SourceError
-from prep.remote import folder_at, is_url, remote_errors
+from prep.remote import is_url, object_at, remote_errors
 from prep.sources.common import Dataset, Reject, label_flat_files, make_classes, printable, read_class_names, source_root
 from prep.sources.tars import (ArchiveReader, holds_training_tars, image_member_problem, last_of_each_name, open_archive,
                                plain_names, refuse_val_labels, split_files)
@@ -135,8 +135,8 @@ def _name(path) -> str:
 def _size(path) -> int:
     """Bytes of an archive: a file's, or its object's in the bucket folder's one listing."""
     if is_url(str(path)):
-        folder, name = str(path).rsplit("/", 1)
-        return folder_at(folder).listed()[name]
+        remote, name = object_at(str(path))
+        return remote.listed()[name]
     return os.stat(path).st_size
 
 
@@ -144,8 +144,8 @@ def _mtime_ns(path) -> int:
     """When an archive was last written: the stamp a staged tar carries, to tell whether the
     archive it came from has been replaced since."""
     if is_url(str(path)):
-        folder, name = str(path).rsplit("/", 1)
-        return folder_at(folder).modified_ns(name)
+        remote, name = object_at(str(path))
+        return remote.modified_ns(name)
     return os.stat(path).st_mtime_ns
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from prep.errors import BadImage, SourceError
-from prep.remote import folder_at, image_bytes, is_url
+from prep.remote import folder_at, image_bytes, is_url, object_at
 from prep.sources.common import ReadsImagesAlone, Reject, file_too_large, is_image_name, is_utf8, not_an_image, open_regular, printable
 
 DUPLICATE = "duplicate member name: a later member of the same name replaces this one"
@@ -35,8 +35,7 @@ class ArchiveReader(ReadsImagesAlone):
             raise BadImage(file_too_large(size, max_bytes))
         where = self.archives[archive]
         if is_url(where):  # a tar in a bucket: one range request
-            folder, name = where.rsplit("/", 1)
-            data = image_bytes(folder_at(folder), name, offset, offset + size)
+            data = image_bytes(*object_at(where), offset, offset + size)
         else:
             with open_regular(where) as f:
                 f.seek(offset)
@@ -51,8 +50,7 @@ def open_archive(where: str):
     requests (a listing seeks over each member's data, so the requests stream the tar once)."""
     if not is_url(where):
         return open(where, "rb")
-    folder, name = where.rsplit("/", 1)
-    remote = folder_at(folder)
+    remote, name = object_at(where)
     return remote.fs.open(remote.at(name), "rb", block_size=1 << 24, cache_type="readahead")
 
 
