@@ -58,14 +58,21 @@ def resize_into(window: np.ndarray, out: np.ndarray) -> None:
 
         cv2.resize(window, (side, side), dst=out, interpolation=cv2.INTER_LINEAR)
     else:
-        import torch
-        import torch.nn.functional as F
+        shrink_into(window, out)
 
-        with warnings.catch_warnings():  # a read-only view of the shard's memory map: only read here
-            warnings.simplefilter("ignore", UserWarning)
-            planar = torch.from_numpy(np.ascontiguousarray(window)).permute(2, 0, 1)[None]  # channels-last memory
-        resized = F.interpolate(planar, size=(side, side), mode="bilinear", antialias=True)
-        out[...] = resized[0].permute(1, 2, 0).numpy()
+
+def shrink_into(window: np.ndarray, out: np.ndarray) -> None:
+    """torch's antialiased bilinear uint8 kernel from ``window`` straight into ``out``, both
+    viewed as (1, 3, h, w) over their HWC memory. F.interpolate would return planar memory, and
+    interleaving that back into ``out`` cost as much as the resize itself (measured: 175 us a
+    224 x 224 window, of 355)."""
+    import torch
+
+    with warnings.catch_warnings():  # a read-only view of the shard's memory map: only read here
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(np.ascontiguousarray(window)).permute(2, 0, 1)[None]
+    target = torch.from_numpy(out).permute(2, 0, 1)[None]
+    torch.ops.aten._upsample_bilinear2d_aa.out(source, list(out.shape[:2]), False, None, None, out=target)
 
 
 def resize_box_into(image: np.ndarray, box: tuple, out: np.ndarray) -> None:

@@ -65,6 +65,27 @@ def test_random_resized_windows_are_torchvisions(shape):
         assert params.x.min() == 0 and (params.x + params.width).max() == 512
 
 
+@pytest.mark.parametrize("shape", [(300, 250), (250, 300), (341, 256), (224, 400), (100, 160)])
+def test_window_resizes_are_torchs_antialiased_bilinear_into_the_slot(shape):
+    """resize_into writes each window into its place in a batch buffer: shrinking along either
+    axis, the pixels of F.interpolate(bilinear, antialias=True) on the planar image, exactly;
+    only growing, OpenCV's bilinear, which is the same filter there (to a rounding step)."""
+    import torch.nn.functional as F
+
+    from augment.windows import resize_into
+
+    window = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    batch = np.zeros((3, 224, 224, 3), np.uint8)
+    resize_into(window[:, ::1], batch[1])
+    planar = torch.from_numpy(window).permute(2, 0, 1)[None].contiguous()
+    expected = F.interpolate(planar, size=(224, 224), mode="bilinear", antialias=True)[0].permute(1, 2, 0).numpy()
+    if max(shape) > 224:
+        np.testing.assert_array_equal(batch[1], expected)
+    else:
+        assert np.abs(batch[1].astype(int) - expected).max() <= 1
+    assert not batch[0].any() and not batch[2].any()  # its neighbours in the buffer untouched
+
+
 def pil_window(image: np.ndarray, x, y, w, h, side: int, mirror: bool) -> np.ndarray:
     """The window resized with Pillow's antialiased bilinear filter (torchvision's resized_crop)."""
     window = Image.fromarray(image).resize((side, side), Image.BILINEAR, box=(x, y, x + w, y + h))
