@@ -31,7 +31,7 @@ from augment.buffers import ReusedOutputs
 from augment.errors import worker_errors_reported
 from augment.feed import PlannedBatch
 from augment.streams import Delivered, StreamRequest
-from augment.torch_ops import augment_whole, finish, finish_ten, mirror_windows, on_device, ten_crop_batch
+from augment.torch_ops import augment_whole, finish_windows, kept_output, on_device, one_torch_thread, ten_crop_batch
 from augment.windows import cut_ten, cut_windows, decoded, quiet_threads, window_sources
 from prep.lifeline import starting_workers
 
@@ -177,17 +177,6 @@ class SlotFiller(torch.utils.data.Dataset):
         return 2**62
 
 
-@contextlib.contextmanager
-def one_torch_thread():
-    """torch's intra-op threads set to one for the block, then back to what they were."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class TorchStream:
     """The torch backend's ``Stream``: the DataLoader's workers and the device half."""
 
@@ -236,24 +225,15 @@ class TorchStream:
             shape = (size, batch.res, batch.res, 3)
         images, params = self.ring.to_device(filled.slot, shape)
         offsets, labels = params[:, 3:6], params[:, 6].long()
-        if spec.mode == "test10":
-            out = (ten_crop_batch(images, spec, self.colour) if self.whole
-                   else finish_ten(images, spec, self.colour, self._output((size, 10, spec.crop))))
-        elif self.whole:
-            x, y, mirror = params[:, 0].long(), params[:, 1].long(), params[:, 2].bool()
-            out = augment_whole(images, x, y, mirror, offsets, spec, self.colour, batch.res, self._output((size, batch.res)))
+        if not self.whole:
+            out = finish_windows(images, params[:, 2].bool(), offsets, spec, self.colour, self.outputs)
+        elif spec.mode == "test10":
+            out = ten_crop_batch(images, spec, self.colour)
         else:
-            out = finish(mirror_windows(images, params[:, 2].bool()), offsets, spec, self.colour,
-                         out=self._output((size, batch.res)))
+            x, y, mirror = params[:, 0].long(), params[:, 1].long(), params[:, 2].bool()
+            out = augment_whole(images, x, y, mirror, offsets, spec, self.colour, batch.res,
+                                kept_output(self.outputs, spec, (size, batch.res)))
         return Delivered(out, labels, batch.generation, batch.epoch, batch.position)
-
-    def _output(self, lead: tuple) -> torch.Tensor | None:
-        """A kept tensor for an output of ``lead`` = (B, [views,] side), or None (a new one)."""
-        if self.outputs is None:
-            return None
-        *batch, side = lead
-        image = (3, side, side) if self.spec.layout == "NCHW" else (side, side, 3)
-        return self.outputs.take((*batch, *image), torch.float32)
 
     def close(self) -> None:
         shutdown = getattr(self.iterator, "_shutdown_workers", None)  # joins them (one process has none)

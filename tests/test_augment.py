@@ -51,16 +51,47 @@ def numpy_reference(images, params, colour, spec):
     return np.stack(out)
 
 
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 @pytest.mark.parametrize("normalize", ["channel", "mean-image", "none"])
-def test_torch_reference_matches_numpy(stats_shards, normalize):
-    spec = AugmentSpec(normalize=normalize, layout="NHWC")
+def test_torch_reference_matches_numpy(stats_shards, normalize, layout):
+    spec = AugmentSpec(normalize=normalize, layout=layout)
     colour = colour_stats(stats_shards, spec)
     reader = open_shards(stats_shards).split("train")
     images = np.stack([reader[i][0] for i in range(12)])
     params = sample_params(spec, 256, seed=5, epoch=1, indices=np.arange(12))
     assert params.mirror.any() and not params.mirror.all() and np.abs(params.alpha).max() > 0
     got = augment_batch(torch.from_numpy(images), params, spec, colour).numpy()
-    np.testing.assert_allclose(got, numpy_reference(images, params, colour, spec), rtol=1e-5, atol=1e-4)
+    expected = numpy_reference(images, params, colour, spec)
+    if layout == "NCHW":
+        expected = expected.transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("normalize", ["torchvision", "none"])
+def test_cpu_planes_are_the_float32_maths_to_the_last_bit(normalize):
+    """The compiled CPU pass (augment.planes) against the same float32 operations in numpy:
+    (v - (mean - o)) / std per channel, v + o without normalisation; windows mirrored first."""
+    from augment.colour import ColourStats
+    from augment.torch_ops import finish, mirror_windows, on_device
+
+    rng = np.random.default_rng(4)
+    windows = rng.integers(0, 256, (5, 33, 33, 3), dtype=np.uint8)
+    offsets = rng.normal(0, 9, (5, 3)).astype(np.float32)
+    mirror = np.array([True, False, True, False, False])
+    spec = AugmentSpec(normalize=normalize, crop=33, lighting=0.1)
+    colour = ColourStats(mean=np.array([123.675, 116.28, 103.53]), std=np.array([58.395, 57.12, 57.375]),
+                         eigval=np.ones(3), eigvec=np.eye(3), mean_image=None)
+    kept = torch.full((5, 3, 33, 33), np.nan)
+    got = finish(mirror_windows(torch.from_numpy(windows.copy()), torch.from_numpy(mirror)),
+                 torch.from_numpy(offsets), spec, on_device(colour, "cpu"), out=kept)
+    assert got.data_ptr() == kept.data_ptr()
+    values = np.where(mirror[:, None, None, None], windows[:, :, ::-1], windows).astype(np.float32)
+    if normalize == "none":
+        expected = values + offsets[:, None, None, :]
+    else:
+        shift = colour.mean.astype(np.float32) - offsets
+        expected = (values - shift[:, None, None, :]) / colour.std.astype(np.float32)
+    np.testing.assert_array_equal(got.numpy(), expected.transpose(0, 3, 1, 2))
 
 
 def test_crop_positions_cover_every_offset_and_flips_are_fair():

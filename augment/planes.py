@@ -1,0 +1,30 @@
+"""The CPU's last step of a batch, compiled: uint8 windows [B, r, r, 3] (HWC, already mirrored)
+-> normalised float32 planes [B, 3, r, r], in one pass (kept apart: importing numba takes time).
+
+    out[b, c, i, j] = (float32(window[b, i, j, c]) - shift[b, c]) / scale[c]
+
+with shift = mean - offset and scale = std for per-channel normalisation, shift = -offset and
+scale = 1 for none: the same float32 operations, in the same order, as ``torch_ops.finish``'s
+``sub_`` then ``div_``, so the values are identical to the last bit. torch does it as three passes
+(a converting copy that also interleaves, then the two in-place ops), 130-175 us an image at 224
+on one core of this VM; this loop reads each plane's bytes with a stride of 3 and writes the
+plane in order, which LLVM vectorises: 45-65 us, close to the cost of writing 600 KB.
+"""
+
+import numpy as np
+from numba import njit
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def normalise_planes(windows, shift, scale, out):  # pragma: no cover - compiled
+    """windows uint8 [B, r, r, 3] C-contiguous; shift float32 [B, 3]; scale float32 [3];
+    out float32 [B, 3, r, r] C-contiguous."""
+    batch, height, width, _ = windows.shape
+    pixels = height * width
+    for b in range(batch):
+        interleaved = windows[b].reshape(pixels * 3)
+        for c in range(3):
+            plane = out[b, c].reshape(pixels)
+            offset, divisor = shift[b, c], scale[c]
+            for p in range(pixels):  # the literal stride 3 is what lets LLVM vectorise this loop
+                plane[p] = (np.float32(interleaved[3 * p + c]) - offset) / divisor
