@@ -13,7 +13,11 @@ the mirror flags and the batch's tag. The graph is one of four:
               region of interest, antialiased linear), then ``crop_mirror_normalize`` without a
               crop: resized windows on a GPU, where the resize costs the host nothing
     windows   windows the workers already cut and resized in uint8 (``augment.windows``):
-              resized windows on the CPU, where DALI's own resize costs several times more
+              resized windows on the CPU, where DALI's own resize costs several times more.
+              There the graph hands the uint8 windows out with their mirror flags and lighting
+              offsets, and ``augment.torch_ops`` mirrors and normalises them as the torch
+              backend does (one compiled pass, ``augment.planes``): crop_mirror_normalize on
+              the CPU, and the copy of its float output, cost ~190 us an image more (2 cores).
     ten       the paper's ten crops of square images, ten ``crop_mirror_normalize`` stacked
 
 Lighting folds into a per-sample mean:  (v + offset - mean) / std = (v - (mean - offset)) / std.
@@ -34,6 +38,7 @@ from augment.buffers import ReusedOutputs
 from augment.errors import worker_errors_reported
 from augment.params import ten_crop_windows
 from augment.streams import Delivered, StreamRequest
+from augment.torch_ops import finish_windows, on_device, one_torch_thread
 from augment.windows import cut_ten, cut_windows, decoded, quiet_threads, window_sources
 from prep.lifeline import become_worker, starting_workers
 
@@ -75,6 +80,11 @@ def record_types(names) -> list:
 
     kinds = {"images": types.UINT8, "labels": types.INT64, "mirror": types.INT32, "tag": types.INT64}
     return [kinds.get(name, types.FLOAT) for name in names]
+
+
+def hands_windows(request: StreamRequest) -> bool:
+    """Whether the graph's output is the workers' uint8 windows, finished by torch (see above)."""
+    return request.device != "cuda" and graph_kind(request) == "windows"
 
 
 def graph_kind(request: StreamRequest) -> str:
@@ -155,7 +165,7 @@ class ShardSource:
         start = np.stack([params.y, params.x], axis=1).astype(np.float32)
         reader.let_go()  # (a bounded cache: no image below is a view of a file)
         return FeedRecord(
-            images=list(images), labels=batch.labels, offsets=batch.offsets,
+            images=images if isinstance(images, np.ndarray) else list(images), labels=batch.labels, offsets=batch.offsets,
             crop_x=(params.x / span_x).astype(np.float32), crop_y=(params.y / span_y).astype(np.float32),
             crop_side=params.width.astype(np.float32), roi_start=start,
             roi_end=start + np.stack([params.height, params.width], axis=1).astype(np.float32),
@@ -164,8 +174,9 @@ class ShardSource:
 
 
 def build_pipeline(request: StreamRequest, feed_only: bool = False):
-    """A started DALI pipeline for ``request``; outputs (images, labels, tag). ``feed_only``:
-    the source's images as they are, no image operation (tools/bench_feed)."""
+    """A started DALI pipeline for ``request``; outputs (images, labels, tag), and (offsets,
+    mirror) where it ``hands_windows``. ``feed_only``: the source's images as they are, no image
+    operation (tools/bench_feed)."""
     from nvidia.dali import fn, pipeline_def, types
 
     spec, colour, cuda = request.spec, request.colour, request.device == "cuda"
@@ -179,7 +190,8 @@ def build_pipeline(request: StreamRequest, feed_only: bool = False):
     workers = max(1, request.workers)
     ten_windows = kind == "windows" and spec.mode == "test10"
     layout = ("FCHW" if ten_windows else "CHW") if spec.layout == "NCHW" else ("FHWC" if ten_windows else "HWC")
-    names = FEEDS["feed only" if feed_only else "ten windows" if ten_windows else kind]
+    names = FEEDS["feed only" if feed_only or (ten_windows and hands_windows(request))
+                  else "ten windows" if ten_windows else kind]
     source = ShardSource(request, kind, names)
     image_layout = "FHWC" if ten_windows else "" if request.compressed and kind != "windows" else "HWC"
 
@@ -193,8 +205,10 @@ def build_pipeline(request: StreamRequest, feed_only: bool = False):
                                      layout=[image_layout] + [""] * (len(names) - 1))
         record = dict(zip(names, outputs))
         image, label, tag = record["images"], record["labels"], record["tag"]
-        if feed_only:
+        if feed_only or (ten_windows and hands_windows(request)):  # (ten views are neither mirrored nor lit)
             return image, label, tag
+        if hands_windows(request):
+            return image, label, tag, record["offsets"], record["mirror"]
         offset = record["offsets"]
         if request.compressed and kind != "windows":  # JPEG blobs: decoded here, by nvJPEG on a GPU
             image = fn.decoders.image(image, device="mixed" if cuda else "cpu", output_type=types.RGB)
@@ -241,13 +255,16 @@ class DaliStream:
 
     On a GPU, DALI's torch iterator copies each output into a new device tensor (torch's caching
     allocator reuses the memory). On the CPU the outputs are copied into tensors kept for reuse
-    (``augment.buffers``): a new 77 MB host tensor a batch cost as much as the batch's maths."""
+    (``augment.buffers``): a new 77 MB host tensor a batch cost as much as the batch's maths.
+    Windows handed out as uint8 (``hands_windows``) are finished by ``torch_ops`` here."""
 
     def __init__(self, request: StreamRequest, feed_only: bool = False):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         self.pipe = build_pipeline(request, feed_only)
         self.iterator, self.outputs = None, ReusedOutputs()
+        self.spec, self.finishes = request.spec, hands_windows(request) and not feed_only
+        self.colour = on_device(request.colour, "cpu") if self.finishes else None
         try:
             if request.device == "cuda":
                 self.iterator = DALIGenericIterator(self.pipe, ["images", "labels", "tag"], auto_reset=False)
@@ -273,9 +290,16 @@ class DaliStream:
         import torch
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
-        images, labels, tag = (output.as_tensor() for output in self.pipe.run())  # valid until the next run
-        out = self.outputs.take(tuple(images.shape()), to_torch_type[images.dtype])
-        feed_ndarray(images, out)
+        images, labels, tag, *lit = (output.as_tensor() for output in self.pipe.run())  # valid until the next run
+        if self.finishes:  # read (and mirrored) where DALI left them; on one thread, as the torch backend does
+            offsets, mirror = (torch.from_numpy(np.array(v)) for v in lit) if lit else (None, None)
+            outputs = self.outputs if self.spec.dtype == "float32" else None
+            with one_torch_thread():
+                out = finish_windows(torch.from_numpy(np.asarray(images)), mirror.bool() if lit else None, offsets,
+                                     self.spec, self.colour, outputs)
+        else:
+            out = self.outputs.take(tuple(images.shape()), to_torch_type[images.dtype])
+            feed_ndarray(images, out)
         return out, torch.from_numpy(np.array(labels)), np.array(tag)
 
     def close(self) -> None:

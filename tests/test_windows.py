@@ -103,10 +103,11 @@ def shard_kind(request, stats_shards, keep_shards, keep_jpeg_shards):
     return request.param, {"square": stats_shards, "keep": keep_shards, "keep jpeg": keep_jpeg_shards}[request.param]
 
 
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])  # NCHW float32 on the CPU: augment.planes' pass
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_random_resized_crops_match_pillow(shard_kind, backend):
+def test_random_resized_crops_match_pillow(shard_kind, backend, layout):
     _, root = shard_kind
-    spec = AugmentSpec(crop_mode="random-resized", crop=160, **RAW)
+    spec = AugmentSpec(crop_mode="random-resized", crop=160, **{**RAW, "layout": layout})
     with Loader(root, "train", 8, spec, backend=backend, device="cpu", workers=1, seed=1) as loader:
         batches = collect(loader)
         reader = loader.reader
@@ -119,7 +120,8 @@ def test_random_resized_crops_match_pillow(shard_kind, backend):
         for b, i in enumerate(chosen):
             expected = pil_window(reader[int(i)][0], params.x[b], params.y[b], params.width[b], params.height[b],
                                   160, params.mirror[b])
-            differences.append(np.abs(images[b].numpy() - expected))
+            got = images[b].numpy() if layout == "NHWC" else images[b].numpy().transpose(1, 2, 0)
+            differences.append(np.abs(got - expected))
     difference = np.stack(differences)
     # uint8 kernels against Pillow's float one: rounding alone averages 0.25
     assert difference.mean() < 0.6 and np.percentile(difference, 99.9) <= 3, (difference.mean(), difference.max())
