@@ -8,7 +8,7 @@ scale = 1 for none: the same float32 operations, in the same order, as ``torch_o
 ``sub_`` then ``div_``, so the values are identical to the last bit. torch does it as three passes
 (a converting copy that also interleaves, then the two in-place ops), 130-175 us an image at 224
 on one core of this VM; this loop reads each plane's bytes with a stride of 3 and writes the
-plane in order, which LLVM vectorises: 45-65 us, close to the cost of writing 600 KB.
+plane in order, which LLVM vectorises: 45-75 us, close to the cost of writing 600 KB.
 """
 
 import numpy as np

@@ -5,7 +5,8 @@ to fit an S x S cell), then ``versions`` training views of it (epochs 0, 1, ...:
 draws a new window, mirror and lighting), on the 0-255 scale before normalisation, so what the
 network sees can be checked by eye. Square shards show the paper's crops; aspect-kept shards
 the random-resized crops their recipes train with. The windows are cut and resized by the same
-code as the loader's workers (``augment.windows``), then lit by ``augment.torch_ops.finish``.
+code as the loader's workers (``augment.windows``), then mirrored and lit by
+``augment.torch_ops.finish_windows``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from augment.colour import colour_stats, lighting_offsets
 from augment.errors import AugmentError
 from augment.params import sample_params
 from augment.spec import AugmentSpec
-from augment.torch_ops import finish, mirror_windows, on_device
+from augment.torch_ops import finish_windows, on_device
 from augment.windows import cut_windows
 from prep.shards import open_shards
 
@@ -67,9 +68,9 @@ def make_preview(root, out, split: str = "train", images: int = 6, versions: int
 def training_views(images: list[np.ndarray], params, spec: AugmentSpec, colour) -> np.ndarray:
     """uint8 [B, crop, crop, 3]: each image's window, mirrored and lit, clamped to 0-255."""
     windows = cut_windows(images, params, spec.crop, np.empty((len(images), spec.crop, spec.crop, 3), np.uint8))
-    windows = mirror_windows(torch.from_numpy(windows), torch.as_tensor(params.mirror, dtype=torch.bool))
     offsets = torch.as_tensor(lighting_offsets(params.alpha, colour), dtype=torch.float32)
-    lit = finish(windows, offsets, spec, on_device(colour, "cpu"))
+    lit = finish_windows(torch.from_numpy(windows), torch.as_tensor(params.mirror, dtype=torch.bool), offsets, spec,
+                         on_device(colour, "cpu"))
     return lit.clamp(0, 255).round().to(torch.uint8).numpy()
 
 
