@@ -62,17 +62,13 @@ def resize_into(window: np.ndarray, out: np.ndarray) -> None:
 
 
 def shrink_into(window: np.ndarray, out: np.ndarray) -> None:
-    """torch's antialiased bilinear uint8 kernel from ``window`` straight into ``out``, both
-    viewed as (1, 3, h, w) over their HWC memory. F.interpolate would return planar memory, and
-    interleaving that back into ``out`` cost as much as the resize itself (measured: 175 us a
-    224 x 224 window, of 355)."""
-    import torch
+    """torch's antialiased bilinear uint8 kernel from ``window`` straight into ``out``
+    (``prep.decode.resize_interleaved_into``: no planar copy to interleave back)."""
+    from prep.decode import resize_interleaved_into
 
     with warnings.catch_warnings():  # a read-only view of the shard's memory map: only read here
         warnings.simplefilter("ignore", UserWarning)
-        source = torch.from_numpy(np.ascontiguousarray(window)).permute(2, 0, 1)[None]
-    target = torch.from_numpy(out).permute(2, 0, 1)[None]
-    torch.ops.aten._upsample_bilinear2d_aa.out(source, list(out.shape[:2]), False, None, None, out=target)
+        resize_interleaved_into(np.ascontiguousarray(window), out, "bilinear")
 
 
 def resize_box_into(image: np.ndarray, box: tuple, out: np.ndarray) -> None:

@@ -41,7 +41,6 @@ import re
 import numpy as np
 import simplejpeg
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from prep import KEEP_ASPECT
@@ -217,11 +216,21 @@ def resize_image(pixels: np.ndarray, size: int, policy: str, max_aspect: float =
     if policy != "squash" and max(source_wh) > longest * min(source_wh):
         pixels, source_wh = central_part(pixels, source_wh, longest)
     resized_w, resized_h, left, top, window_w, window_h = output_geometry(*source_wh, size, policy, max_aspect)
-    # (1, C, H, W) viewed over HWC memory: the channels-last layout the fast uint8 kernel wants.
-    batch = torch.from_numpy(pixels).permute(2, 0, 1)[None]
-    resized = F.interpolate(batch, size=(resized_h, resized_w), mode="bicubic", antialias=True)
-    window = resized[0, :3, top : top + window_h, left : left + window_w]  # (3, h, w), planar
-    return window.permute(1, 2, 0).contiguous().numpy()  # torch interleaves ~1.7x faster than numpy
+    resized = np.empty((resized_h, resized_w, pixels.shape[2]), np.uint8)
+    resize_interleaved_into(pixels, resized, "bicubic")
+    return np.ascontiguousarray(resized[top : top + window_h, left : left + window_w, :3])
+
+
+def resize_interleaved_into(pixels: np.ndarray, out: np.ndarray, mode: str) -> None:
+    """(h, w, C) uint8 resized into ``out`` (H, W, C) uint8 by torch's antialiased ``mode``
+    ("bilinear" or "bicubic") uint8 kernel, both viewed as (1, C, h, w) over their interleaved
+    memory: the channels-last layout that kernel is vectorised for. The kernel writes ``out`` in
+    place; F.interpolate would return planar memory, and interleaving that back cost as much as
+    the resize itself (a 500 x 375 photo to 341 x 256: 590 us against 280, the same pixels)."""
+    source = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+    target = torch.from_numpy(out).permute(2, 0, 1)[None]
+    kernel = {"bilinear": torch.ops.aten._upsample_bilinear2d_aa, "bicubic": torch.ops.aten._upsample_bicubic2d_aa}[mode]
+    kernel.out(source, list(out.shape[:2]), False, None, None, out=target)
 
 
 def central_part(pixels: np.ndarray, source_wh, ratio: float = MAX_ASPECT) -> tuple[np.ndarray, tuple[int, int]]:
