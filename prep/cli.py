@@ -57,8 +57,9 @@ def main():
 @click.option("--max-pixels", default=100_000_000, show_default=True,
               help="Reject files whose decoded width x height exceeds this (decompression bombs).")
 @click.option("--workers", default=None, type=int, help="Processes.  [default: all cores]")
-@click.option("--val-labels", type=FolderOrFile(dir_okay=False, path_type=Path),
-              help="Labels for a flat SRC/val: lines 'filename wnid', or a CSV with those two columns.")
+@click.option("--val-labels", type=FolderOrFile(dir_okay=False, path_type=Path, urls=True),
+              help="Labels for a flat SRC/val: lines 'filename wnid', or a CSV with those two columns "
+                   "(a file, or an object's s3:// URL).")
 @click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
               help="local: a process pool of --workers. ray: the same tasks on a Ray cluster (pip install "
                    "'imgprep[ray]'); every worker must see SRC at the same path, and --out too unless it is a URL "
@@ -85,7 +86,7 @@ def shard(src, out, size, policy, max_aspect, encoding, quality, shard_size, see
       SRC/*-train-*.tar and SRC/*-validation-*.tar (webdataset: KEY.jpg + KEY.cls)
       SRC/train_images_N.tar.gz and val_images.tar.gz (Hugging Face's ImageNet archives:
           decompressed once into OUT/.partial, which needs their size free meanwhile)
-      s3://bucket/prefix holding any of these but Kaggle's: a tree listed once and read an
+      s3://bucket/prefix holding any of these: a tree (Kaggle's too) listed once and read an
           image a request, the tars and parquet files read in place by range requests, the
           .tar.gz archives streamed to list them, then into OUT/.partial; pip install 'imgprep[cloud]'
     Class names come from SRC/LOC_synset_mapping.txt, synset_words.txt or words.txt (or the

@@ -133,10 +133,21 @@ class Remote:
         return {name.split(bare, 1)[-1]: entry for name, entry in found.items()}
 
     def listed(self) -> dict[str, int]:
-        """``listing()`` of the whole folder, made once for this object (see ``folder_at``)."""
+        """``listing()`` of the whole folder, made once for this object (see ``folder_at``); a
+        folder inside one this process has listed takes its part of that listing (a listing holds
+        every object below its folder), so a layout inside SRC costs no second listing."""
+        if self._listed is None:
+            self._listed = self._part_of_listed_folder()
         if self._listed is None:
             self._listed = self.listing()
         return self._listed
+
+    def _part_of_listed_folder(self) -> dict[str, int] | None:
+        for url, folder in _FOLDERS.items():
+            if folder is not self and folder._listed is not None and self.url.startswith(url + "/"):
+                inside = self.url[len(url) + 1 :] + "/"
+                return {name[len(inside) :]: size for name, size in folder._listed.items() if name.startswith(inside)}
+        return None
 
     def modified_ns(self, name: str) -> int:
         """When object ``name`` was last written, in ns since 1970 (one request); 0 for a store

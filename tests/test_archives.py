@@ -81,15 +81,9 @@ def test_devkit_ids_are_mapped_through_wnids(tree, tmp_path):
 
 
 def test_kaggle_layout(tree, tmp_path):
-    import shutil
+    from tools.source_layouts import kaggle_folder
 
-    root = tmp_path / "kaggle"
-    shutil.copytree(tree / "train", root / "ILSVRC/Data/CLS-LOC/train")
-    shutil.copytree(tree / "val", root / "ILSVRC/Data/CLS-LOC/val")
-    rows = [line.split() for line in (tree / "val_labels.txt").read_text().splitlines()]
-    (root / "LOC_val_solution.csv").write_text(
-        "ImageId,PredictionString\n" + "".join(f"{n[:-5]},{w} 10 20 200 220 {w} 1 2 3 4\n" for n, w in rows))
-    shutil.copy(tree / "LOC_synset_mapping.txt", root / "LOC_synset_mapping.txt")
+    root = kaggle_folder(tree, tmp_path / "kaggle")
     manifest = shard(root, tmp_path / "from-kaggle")
     shard(tree, tmp_path / "from-tree", "--val-labels", str(tree / "val_labels.txt"))
     assert shard_hashes(tmp_path / "from-kaggle") == shard_hashes(tmp_path / "from-tree")

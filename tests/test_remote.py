@@ -620,6 +620,39 @@ def test_shard_from_the_ilsvrc_archives_in_a_bucket_reads_them_in_place_to_the_s
     assert not [p for p in tmp_path.rglob("*.tar") if not p.is_relative_to(src)]  # read in place, nothing staged
 
 
+def test_shard_from_kaggles_layout_in_a_bucket_lists_it_once_to_the_shards_of_the_folder_on_disk(
+        s3_server, flat_tree, tmp_path, monkeypatch):
+    from prep.remote import Remote
+    from prep.sources import scan_source
+    from tools.source_layouts import kaggle_folder
+
+    src = kaggle_folder(flat_tree, tmp_path / "kaggle")
+    (src / "ILSVRC/Data/CLS-LOC/train/notes.txt").write_text("not in a class folder")
+    shard_on_disk_and_from_a_bucket(src, "imgprep-kaggle/download", tmp_path)
+    manifest = same_shards_rejects_and_classes(tmp_path)
+    assert manifest["splits"]["val"]["count"] == 9  # labelled by the LOC_val_solution.csv object
+    assert manifest["classes"][1]["name"].startswith("goldfish")  # LOC_synset_mapping.txt beside the tree
+    assert "train/notes.txt" in (tmp_path / "bucket" / "rejects.jsonl").read_text()
+
+    listings = []
+    real = Remote.listing
+    monkeypatch.setattr(Remote, "listing", lambda self, *a: listings.append(self.url) or real(self, *a))
+    dataset = scan_source("s3://imgprep-kaggle/download")
+    assert listings == ["s3://imgprep-kaggle/download"]  # the tree inside took its part of that one listing
+    assert len(dataset.splits["train"]) == 18
+
+    # --val-labels may be an object: one request (no listing of its folder), read like a file.
+    listings.clear()
+    labels = "s3://imgprep-kaggle/download/LOC_val_solution.csv"
+    flat = scan_source("s3://imgprep-kaggle/download/ILSVRC/Data/CLS-LOC", labels)
+    assert [key for key, _ in flat.splits["val"]] == [key for key, _ in dataset.splits["val"]]
+    assert listings == ["s3://imgprep-kaggle/download/ILSVRC/Data/CLS-LOC"]
+    missing = run_cli(["shard", "s3://imgprep-kaggle/download/ILSVRC/Data/CLS-LOC", "--val-labels",
+                       "s3://imgprep-kaggle/download/no-such.csv", "--out", str(tmp_path / "none")])
+    assert missing.exit_code == 1
+    assert "validation labels file s3://imgprep-kaggle/download/no-such.csv does not exist" in missing.output
+
+
 def test_shard_from_hugging_faces_archives_in_a_bucket_stages_them_to_the_shards_of_the_archives_on_disk(
         s3_server, flat_tree, tmp_path, monkeypatch):
     from prep.sources import hf_archives, scan_source

@@ -91,6 +91,22 @@ def ilsvrc_archives(tree: Path, root: Path, extra_train=None, extra_class=None, 
 
 # ----------------------------------------------------------------------------- tar layouts (webdataset, Hugging Face archives)
 
+def kaggle_folder(tree: Path, root: Path) -> Path:
+    """Kaggle's download of ``tree`` (which has a flat val/): the tree under
+    ``ILSVRC/Data/CLS-LOC``, ``LOC_val_solution.csv`` (image id, then the wnid and a box, twice)
+    and the synset names beside it."""
+    import shutil
+
+    tree, root = Path(tree), Path(root)
+    for split in ("train", "val"):
+        shutil.copytree(tree / split, root / "ILSVRC/Data/CLS-LOC" / split)
+    rows = [line.split() for line in (tree / "val_labels.txt").read_text().splitlines()]
+    (root / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\n" + "".join(f"{n[:-5]},{w} 10 20 200 220 {w} 1 2 3 4\n" for n, w in rows))
+    shutil.copy(tree / "LOC_synset_mapping.txt", root / "LOC_synset_mapping.txt")
+    return root
+
+
 def webdataset_tars(tree: Path, root: Path, shards: int = 3, extra=None) -> Path:
     """timm's webdataset layout of ``tree``: samples KEY.jpg + KEY.cls + KEY.json (KEY: the file's
     stem), dealt in turn over ``shards`` training tars, and over two validation tars when the

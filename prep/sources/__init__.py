@@ -21,7 +21,7 @@ from prep.sources.tree import TreeReader, scan_tree
 # (name, detect, scan, reads a bucket): the first layout whose detect() holds is read
 LAYOUTS = (
     ("ILSVRC-2012 archives", ilsvrc.is_ilsvrc_archive, ilsvrc.scan_archives, True),
-    ("Kaggle ILSVRC folder", tree.is_kaggle, tree.scan_kaggle, False),
+    ("Kaggle ILSVRC folder", tree.is_kaggle, tree.scan_kaggle, True),
     ("Hugging Face parquet", hf_parquet.is_hf_parquet, hf_parquet.scan_parquet, True),
     ("webdataset tars", webdataset.is_webdataset, webdataset.scan_webdataset, True),
     ("Hugging Face ImageNet archives", hf_archives.is_hf_archives, hf_archives.scan_hf_archives, True),

@@ -40,8 +40,9 @@ class BucketTreeReader(ReadsImagesAlone):
         return data
 
 
-def scan_bucket_tree(url: str, val_labels=None) -> Dataset:
-    """The tree at ``url``, listed once; SourceError when the layout is unusable."""
+def scan_bucket_tree(url: str, val_labels=None, names_root: str | None = None) -> Dataset:
+    """The tree at ``url``, listed once; SourceError when the layout is unusable. ``names_root``:
+    where the synset-names file is, when not at ``url`` (Kaggle's layout)."""
     remote = folder_at(url)  # its listing is the one layout detection made (prep.sources.scan_source)
     sizes = remote.listed()
     if not any(name.startswith("train/") for name in sizes):
@@ -50,7 +51,7 @@ def scan_bucket_tree(url: str, val_labels=None) -> Dataset:
     train = _class_folders(sizes, "train", rejects)
     if not train:
         raise SourceError(f"{url}/train has no class folders (expected {url}/train/<class>/<images>)")
-    classes = make_classes(sorted(train), read_class_names(url), f"{url}/train")
+    classes = make_classes(sorted(train), read_class_names(names_root or url), f"{url}/train")
     index = {c.wnid: c.index for c in classes}
     splits = {"train": _labelled(train, "train", index, rejects)}
     used = {label for _, label in splits["train"]}

@@ -209,17 +209,26 @@ class ValLabels(dict):
 
 
 def read_val_labels(path: str | os.PathLike) -> ValLabels:
-    """Map validation file name (with and without extension) -> wnid.
+    """Map validation file name (with and without extension) -> wnid, from a file or an object.
 
     Accepts whitespace-separated ``filename wnid`` lines or a CSV whose first two columns are
     the file name and a field starting with the wnid (Kaggle's ``LOC_val_solution.csv`` puts
     boxes after it). A header line does no harm: no image is named like its first field.
     The same line twice is harmless; one name with two different wnids goes to ``conflicts``.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise SourceError(f"validation labels file {path} does not exist")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    from prep.remote import is_url, object_at
+
+    if is_url(str(path)):  # an object: one request, no listing of its folder
+        remote, name = object_at(str(path))
+        data = remote.read_optional(name)
+        if data is None:
+            raise SourceError(f"validation labels file {path} does not exist")
+        text = data.decode("utf-8", "replace")
+    else:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise SourceError(f"validation labels file {path} does not exist")
+        text = path.read_text(encoding="utf-8", errors="replace")
     rows = csv.reader(text.splitlines()) if "," in text.split("\n", 1)[0] else (
         line.split() for line in text.splitlines()
     )

@@ -6,7 +6,7 @@
     SRC/LOC_synset_mapping.txt        optional "wnid name" lines (also synset_words.txt, words.txt)
 
 Kaggle's download is the same tree under ``SRC/ILSVRC/Data/CLS-LOC`` with the validation labels
-in ``SRC/LOC_val_solution.csv``.
+in ``SRC/LOC_val_solution.csv``, on disk or in a bucket (``s3://bucket/kaggle``).
 
 Class indices follow the sorted folder names of ``train/``. Nothing here opens an image: files
 whose extension is not an image's, or that sit outside a class folder, become rejects, and so do
@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prep.errors import BadImage, SourceError
-from prep.sources.common import (Dataset, class_items, ReadsImagesAlone, Reject, file_too_large, is_image_name, is_utf8, label_flat_files,
-                                 make_classes, not_an_image, open_regular, printable, read_class_names, read_val_labels)
+from prep.remote import folder_at, is_url
+from prep.sources.common import (Dataset, class_items, ReadsImagesAlone, Reject, file_in, file_too_large, is_image_name,
+                                 is_source_file, is_utf8, label_flat_files, make_classes, not_an_image, open_regular,
+                                 printable, read_class_names, read_val_labels)
 
 NOT_REGULAR = "not a regular file (device, pipe, socket or broken link)"
 
@@ -49,14 +51,27 @@ class TreeReader(ReadsImagesAlone):
             return data
 
 
-def is_kaggle(root: Path) -> bool:
-    return (root / "ILSVRC" / "Data" / "CLS-LOC" / "train").is_dir()
+KAGGLE_TREE = "ILSVRC/Data/CLS-LOC"  # Kaggle's extracted tree, inside its download's folder
 
 
-def scan_kaggle(root: Path, val_labels=None) -> Dataset:
-    """Kaggle's ILSVRC folder: the tree under ILSVRC/Data/CLS-LOC, labels beside it."""
-    tree = root / "ILSVRC" / "Data" / "CLS-LOC"
-    solution = root / "LOC_val_solution.csv"
+def is_kaggle(root) -> bool:
+    """Kaggle's ILSVRC folder on disk, or in a bucket (its one listing)."""
+    if is_url(str(root)):
+        return any(name.startswith(KAGGLE_TREE + "/train/") for name in folder_at(str(root)).listed())
+    return (Path(root) / KAGGLE_TREE / "train").is_dir()
+
+
+def scan_kaggle(root, val_labels=None) -> Dataset:
+    """Kaggle's ILSVRC folder: the tree under ILSVRC/Data/CLS-LOC, labels and names beside it.
+    In a bucket the tree is read as ``bucket_tree`` reads one, from the same listing."""
+    tree, solution = file_in(root, KAGGLE_TREE), file_in(root, "LOC_val_solution.csv")
+    if is_url(str(root)):
+        from prep.sources.bucket_tree import scan_bucket_tree
+
+        has_val = any(name.startswith(KAGGLE_TREE + "/val/") for name in folder_at(str(root)).listed())
+        if val_labels is None and has_val and is_source_file(solution):
+            val_labels = solution
+        return scan_bucket_tree(tree, val_labels, names_root=root)
     if val_labels is None and solution.is_file() and (tree / "val").is_dir():
         val_labels = solution
     return scan_tree(tree, val_labels, names_root=root)
