@@ -14,10 +14,11 @@ the mirror flags and the batch's tag. The graph is one of four:
               crop: resized windows on a GPU, where the resize costs the host nothing
     windows   windows the workers already cut and resized in uint8 (``augment.windows``):
               resized windows on the CPU, where DALI's own resize costs several times more.
-              There the graph hands the uint8 windows out with their mirror flags and lighting
-              offsets, and ``augment.torch_ops`` mirrors and normalises them as the torch
-              backend does (one compiled pass, ``augment.planes``): crop_mirror_normalize on
-              the CPU, and the copy of its float output, cost ~190 us an image more (2 cores).
+              There the graph hands the uint8 windows out (with their mirror flags and lighting
+              offsets; the ten views of test10 alone) and ``augment.torch_ops`` finishes them
+              as the torch backend does (NCHW float32: one compiled pass, ``augment.planes``):
+              crop_mirror_normalize on the CPU, and the copy of its float output, cost ~190 us
+              an image more (2 cores).
     ten       the paper's ten crops of square images, ten ``crop_mirror_normalize`` stacked
 
 Lighting folds into a per-sample mean:  (v + offset - mean) / std = (v - (mean - offset)) / std.
@@ -50,7 +51,7 @@ PIPELINE_DEPTH = 2  # batches DALI keeps ready beyond the one being used
 class FeedRecord:
     """One batch as ``external_source`` outputs it, a field an output (per sample, in order)."""
 
-    images: list  # uint8: the images as stored or decoded, or the cut windows
+    images: list | np.ndarray  # uint8: the images as stored or decoded, or the cut windows (one array)
     labels: np.ndarray  # int64 [B]; -1 on the repeated samples of a short last batch
     offsets: np.ndarray  # float32 [B, 3]: lighting, 0-255 scale
     crop_x: np.ndarray  # float32 [B]: the window's corner as DALI's relative crop position
@@ -175,8 +176,8 @@ class ShardSource:
 
 def build_pipeline(request: StreamRequest, feed_only: bool = False):
     """A started DALI pipeline for ``request``; outputs (images, labels, tag), and (offsets,
-    mirror) where it ``hands_windows``. ``feed_only``: the source's images as they are, no image
-    operation (tools/bench_feed)."""
+    mirror) where it ``hands_windows`` of train or val (not the ten views of test10).
+    ``feed_only``: the source's images as they are, no image operation (tools/bench_feed)."""
     from nvidia.dali import fn, pipeline_def, types
 
     spec, colour, cuda = request.spec, request.colour, request.device == "cuda"
@@ -254,9 +255,10 @@ class DaliStream:
     """The DALI backend's ``Stream``: the pipeline, its iterator and its workers.
 
     On a GPU, DALI's torch iterator copies each output into a new device tensor (torch's caching
-    allocator reuses the memory). On the CPU the outputs are copied into tensors kept for reuse
+    allocator reuses the memory). On the CPU the outputs go into tensors kept for reuse
     (``augment.buffers``): a new 77 MB host tensor a batch cost as much as the batch's maths.
-    Windows handed out as uint8 (``hands_windows``) are finished by ``torch_ops`` here."""
+    Windows handed out as uint8 (``hands_windows``) are finished by ``torch_ops`` here, read in
+    DALI's output buffer and written into a kept tensor (float32; float16 batches are new ones)."""
 
     def __init__(self, request: StreamRequest, feed_only: bool = False):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator

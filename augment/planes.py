@@ -12,10 +12,11 @@ plane in order, which LLVM vectorises: 45-75 us, close to the cost of writing 60
 """
 
 import numpy as np
-from numba import njit
+
+from prep.compiled import compiled
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@compiled
 def normalise_planes(windows, shift, scale, out):  # pragma: no cover - compiled
     """windows uint8 [B, r, r, 3] C-contiguous; shift float32 [B, 3]; scale float32 [3];
     out float32 [B, 3, r, r] C-contiguous."""

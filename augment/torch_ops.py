@@ -119,7 +119,7 @@ def planes_on_cpu(windows: torch.Tensor, offsets: torch.Tensor, spec: AugmentSpe
     from augment.planes import normalise_planes
 
     batch, side = windows.shape[0], windows.shape[1]
-    if out is None:
+    if out is None or not out.is_contiguous():  # the compiled loop writes whole planes in order
         out = torch.empty((batch, 3, side, side), dtype=torch.float32)
     if spec.per_channel:  # (v - (mean - o)) / std
         shift, scale = colour.mean - offsets, colour.std

@@ -1,10 +1,11 @@
 """The compiled inner loop of ``imgprep pca-stats`` (kept apart: importing numba takes time)."""
 
 import numpy as np
-from numba import njit
+
+from prep.compiled import compiled
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@compiled
 def accumulate(buffer, offsets, nbytes, position_sums, moments):  # pragma: no cover - compiled
     """Add the images at ``buffer[offset : offset + nbytes]`` (HWC uint8) to the running sums.
 
@@ -36,7 +37,7 @@ def accumulate(buffer, offsets, nbytes, position_sums, moments):  # pragma: no c
         moments[5] += gb
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@compiled
 def accumulate_pixels(buffer, starts, lengths, totals):  # pragma: no cover - compiled
     """Add the images ``buffer[start : start + length]`` (HWC uint8, any sizes) to ``totals``:
     uint64 [9] = R G B, RR GG BB RG RB GB (aspect-kept shards have no per-position sum)."""

@@ -132,3 +132,18 @@ def test_empty_split_is_refused(tmp_path):
     assert run_cli(["shard", str(tmp_path / "src"), "--out", str(tmp_path / "s"), "--quiet"]).exit_code == 0
     with pytest.raises(ShardFormatError, match="split 'val' of .* has no images"):
         compute_stats(tmp_path / "s", split="val", progress=False)
+
+
+def test_compiled_loops_still_compile_where_no_cache_can_be_written():
+    """numba's on-disk cache refuses a function it has no place for (a read-only install,
+    HOME=/): the project's loops are then compiled without it rather than failing to import.
+    A function from generated source has no place either, which is how this is staged here."""
+    import numba
+
+    from prep.compiled import compiled
+
+    namespace = {}
+    exec(compile("def double(x):\n    return 2 * x\n", "<generated>", "exec"), namespace)
+    with pytest.raises(RuntimeError, match="cannot cache"):
+        numba.njit(cache=True)(namespace["double"])
+    assert compiled(namespace["double"])(21) == 42
