@@ -5,6 +5,7 @@ and the same output, in one run.
     python -m tools.bench_peers                                # 4 copies of the 400-file corpus
     python -m tools.bench_peers --images 512 --runs 1          # a quick try
     python -m tools.bench_peers --markdown bench/peers.md      # also write the tables
+    python -m tools.bench_peers --only FFCV --only "keep shards"  # some loader rows (an A/B)
 
 Every loader path makes the same batches: float32 NCHW, 128 images of 224 x 224, each a
 RandomResizedCrop (8-100% of the image's area, aspect 3/4-4/3, resized to 224), mirrored with
@@ -501,7 +502,10 @@ def peer_versions() -> str:
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--workers", default=2, show_default=True, help="Worker processes or threads of every path and writer.")
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), help="Also write the tables here.")
-def main(corpus, images, runs, seconds, batch_size, workers, markdown):
+@click.option("--only", multiple=True, metavar="TEXT",
+              help="Time only the loader rows whose name holds TEXT (any case; repeatable: --only FFCV --only "
+                   "'keep shards jpeg'); the stores are then written once each, untimed by --runs.")
+def main(corpus, images, runs, seconds, batch_size, workers, markdown, only):
     """img/s and CPU per image of imgprep's Loader and shard writer against FFCV, SPDL, DALI and PIL."""
     if images < batch_size:
         raise click.UsageError(f"--images {images} is less than one batch of {batch_size}")
@@ -512,12 +516,17 @@ def main(corpus, images, runs, seconds, batch_size, workers, markdown):
     work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     files, skipped, results = sorted(tree.glob("train/*/*")), [], []
     try:
-        click.echo("timing the writers ...")
-        writers, stores = writer_rows(tree, work, files, workers, runs, skipped)
+        writer_runs = 1 if only else runs
+        click.echo("timing the writers ..." if not only else "writing the stores ...")
+        writers, stores = writer_rows(tree, work, files, workers, writer_runs, skipped)
         from prep.stats import compute_stats
 
         compute_stats(stores["crop raw"], workers=workers, progress=False)  # the paper recipe's statistics
-        for name, batches in loader_paths(tree, files, stores, batch_size, workers, skipped):
+        paths = [(name, batches) for name, batches in loader_paths(tree, files, stores, batch_size, workers, skipped)
+                 if not only or any(text.lower() in name.lower() for text in only)]
+        if not paths:
+            raise click.UsageError(f"no loader row's name holds {' or '.join(map(repr, only))}")
+        for name, batches in paths:
             click.echo(f"timing {name} ...")
             with batches() as endless:
                 results.append((name, measure(endless, len(files) // batch_size, batch_size, runs, seconds)))
@@ -528,7 +537,7 @@ def main(corpus, images, runs, seconds, batch_size, workers, markdown):
              "| img/s (min / median / max) | CPU us / image (min / median / max) |", "|---|---|---|"]
     lines += [f"| {name} | {spread([r for r, _ in measured])} | {spread([c for _, c in measured])} |"
               for name, measured in results]
-    lines += ["", f"| writer ({len(files)} JPEGs, {workers} workers, {runs} runs) | img/s (min / median / max) "
+    lines += ["", f"| writer ({len(files)} JPEGs, {workers} workers, {writer_runs} runs) | img/s (min / median / max) "
               "| KB / image on disk (of which image data) | kilopixels / image |", "|---|---|---|---|"]
     lines += [f"| {name} | {spread(rate)} | {size / 1024:,.1f}" + (f" ({data / 1024:,.1f})" if data else "")
               + f" | {pixels / 1000:,.1f} |" for name, rate, size, data, pixels in writers]
