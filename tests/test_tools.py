@@ -46,6 +46,34 @@ def test_bench_feed_runs_and_ends_with_its_line(tmp_path):
     assert re.fullmatch(r"feed vs copy floor: dali (\d+\.\d\dx|n/a), torch \d+\.\d\dx", last), last
 
 
+@pytest.mark.slow
+def test_bench_peers_runs_the_rows_asked_for(tmp_path):
+    """Its peers (FFCV, SPDL) may be missing here: they are skipped, saying so; imgprep's rows run."""
+    import numpy as np
+    from PIL import Image
+
+    from tools.bench_peers import main
+
+    rng = np.random.default_rng(0)
+    for i in range(40):  # the photo corpus needs the bench extra; any JPEGs of a few sizes will do here
+        shape = (200 + 5 * i, 300 - 3 * i, 3)
+        path = tmp_path / "corpus" / "train" / f"class{i % 4}" / f"{i:05d}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path, quality=90)
+    result = CliRunner().invoke(main, ["--corpus", str(tmp_path / "corpus"), "--images", "128", "--batch-size", "64",
+                                       "--runs", "1", "--seconds", "0.1", "--only", "torch, keep shards jpeg",
+                                       "--markdown", str(tmp_path / "t.md")])
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "t.md").read_text()
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| imgprep Loader")]
+    assert rows == ["| imgprep Loader torch, keep shards jpeg",
+                    "| imgprep Loader torch, keep shards jpeg, shorter side 192 (FFCV's pixels)"]
+    assert "| imgprep shard --policy keep, JPEG q90, shorter side 256 |" in table  # each store written once
+    nothing = CliRunner().invoke(main, ["--corpus", str(tmp_path / "corpus"), "--images", "64", "--batch-size", "64",
+                                        "--runs", "1", "--only", "no such row"])
+    assert nothing.exit_code == 2 and "no loader row's name holds 'no such row'" in nothing.output
+
+
 def gpu_check_env() -> dict:
     return {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
 
