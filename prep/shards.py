@@ -18,6 +18,7 @@ sentence naming the shard.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -29,7 +30,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from prep.atomic import atomic_path, atomic_write_text
+from prep.atomic import atomic_path, atomic_write_text, no_space
 from prep.encodings import ENCODINGS, KEEP_ASPECT, storage_for
 from prep.errors import ShardFormatError
 
@@ -62,7 +63,7 @@ def write_shard(path, split: str, options, labels, keys, encoded) -> None:
     max_aspect); ``encoded``: what ``storage_for(...).encode`` made of each image."""
     n = len(labels)
     storage = storage_for(options.encoding, options.policy)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, disk_full_as_os_error(path):
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = SHARD_FORMAT
             f.attrs["version"] = format_version(options.policy)
@@ -76,6 +77,21 @@ def write_shard(path, split: str, options, labels, keys, encoded) -> None:
             f.create_dataset("labels", data=np.asarray(labels, dtype=np.int16), track_times=False)
             f.create_dataset("keys", data=list(keys), dtype=h5py.string_dtype("utf-8"), track_times=False)
             storage.write(f, encoded, n, options.size)
+
+
+@contextlib.contextmanager
+def disk_full_as_os_error(path):
+    """A full disk met by libhdf5 as the OSError every writer's caller handles. h5py raises most
+    failed writes as OSError, but one that libhdf5 meets while closing the file (flushing its
+    metadata) comes as RuntimeError ("Can't decrement id ref count (file write failed ...
+    errno = 28 ...)"): seen once in a full-disk test, where the shard job then stopped with a
+    worker's traceback instead of its one line."""
+    try:
+        yield
+    except RuntimeError as error:
+        if no_space(error):
+            raise OSError(errno.ENOSPC, f"No space left on device (writing {path})") from None
+        raise
 
 
 def sha256_file(path, on_bytes=None, block: int = 1 << 22) -> str:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -466,6 +467,49 @@ def test_a_full_disk_stops_the_shard_job_with_one_line_and_it_resumes_after(fake
     resize(64)
     assert imgprep("shard", fake_src, "--out", out, "--shard-size", 8, "--workers", 2, "--quiet").returncode == 0
     assert tree_bytes(out) == tree_bytes(clean)
+
+
+def test_a_full_disk_met_while_hdf5_closes_a_shard_is_the_os_error_its_callers_handle(tmp_path, monkeypatch):
+    """libhdf5 reports a write that fails while it closes the file (its metadata flush) as a
+    RuntimeError, not an OSError; the shard writer turns a full disk there into ENOSPC (what the
+    job turns into its one line), leaves no partial file, and lets any other RuntimeError through."""
+    import errno
+
+    import h5py
+
+    import prep.shards as shards
+    from prep.plan import ShardOptions
+
+    real = h5py.File
+
+    class ClosingFails:
+        def __init__(self, message):
+            self.message = message
+
+        def __call__(self, *args, **kwargs):
+            self.file = real(*args, **kwargs)
+            return self
+
+        def __enter__(self):
+            return self.file.__enter__()
+
+        def __exit__(self, *exc):
+            self.file.__exit__(*exc)
+            raise RuntimeError(self.message)
+
+    full = ("Can't decrement id ref count (file write failed: time = Mon Dec  7 03:15:13 2026, errno = 28, "
+            "error message = 'No space left on device', total write size = 3928, offset = 8192)")
+    args = (tmp_path / "train" / "00000.h5", "train", ShardOptions(size=16), [0], ["a.JPEG"],
+            [np.zeros((16, 16, 3), np.uint8)])
+    args[0].parent.mkdir()
+    monkeypatch.setattr(shards.h5py, "File", ClosingFails(full))
+    with pytest.raises(OSError) as raised:
+        shards.write_shard(*args)
+    assert raised.value.errno == errno.ENOSPC and "00000.h5" in str(raised.value)
+    assert list(args[0].parent.iterdir()) == []  # nothing half-written left behind
+    monkeypatch.setattr(shards.h5py, "File", ClosingFails("some other HDF5 failure"))
+    with pytest.raises(RuntimeError, match="some other HDF5 failure"):
+        shards.write_shard(*args)
 
 
 def test_a_full_disk_stops_pca_stats_with_one_line(shards, small_disk):
