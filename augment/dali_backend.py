@@ -191,8 +191,9 @@ def build_pipeline(request: StreamRequest, feed_only: bool = False):
     workers = max(1, request.workers)
     ten_windows = kind == "windows" and spec.mode == "test10"
     layout = ("FCHW" if ten_windows else "CHW") if spec.layout == "NCHW" else ("FHWC" if ten_windows else "HWC")
-    names = FEEDS["feed only" if feed_only or (ten_windows and hands_windows(request))
-                  else "ten windows" if ten_windows else kind]
+    handed = hands_windows(request)
+    bare = feed_only or (ten_windows and handed)  # the images alone: ten views are neither mirrored nor lit
+    names = FEEDS["feed only" if bare else "ten windows" if ten_windows else kind]
     source = ShardSource(request, kind, names)
     image_layout = "FHWC" if ten_windows else "" if request.compressed and kind != "windows" else "HWC"
 
@@ -206,9 +207,9 @@ def build_pipeline(request: StreamRequest, feed_only: bool = False):
                                      layout=[image_layout] + [""] * (len(names) - 1))
         record = dict(zip(names, outputs))
         image, label, tag = record["images"], record["labels"], record["tag"]
-        if feed_only or (ten_windows and hands_windows(request)):  # (ten views are neither mirrored nor lit)
+        if bare:
             return image, label, tag
-        if hands_windows(request):
+        if handed:
             return image, label, tag, record["offsets"], record["mirror"]
         offset = record["offsets"]
         if request.compressed and kind != "windows":  # JPEG blobs: decoded here, by nvJPEG on a GPU

@@ -456,7 +456,7 @@ def loader_paths(tree: Path, files: list[Path], stores: dict, batch: int, worker
     for backend in usable_backends():
         for policy in ("crop", "keep"):
             for encoding in ("raw", "jpeg"):
-                store = stores[f"{policy} {encoding}"]
+                store = stores[store_name(policy, encoding)]
                 paths.append((f"imgprep Loader {backend}, {policy} shards {encoding}",
                               lambda b=backend, s=store: imgprep_batches(s, batch, workers, b, paper=False)))
         paths.append((f"imgprep Loader {backend}, crop shards raw, paper recipe (reference)",
