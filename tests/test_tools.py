@@ -47,12 +47,19 @@ def test_bench_feed_runs_and_ends_with_its_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_peers_runs_the_rows_asked_for(tmp_path):
-    """Its peers (FFCV, SPDL) may be missing here: they are skipped, saying so; imgprep's rows run."""
+def test_bench_peers_runs_the_rows_asked_for(tmp_path, monkeypatch):
+    """Peers that are not installed (FFCV, SPDL: hidden here, installed or not) are skipped, each saying
+    how to install it; imgprep's rows run."""
+    import importlib.util
+
     import numpy as np
     from PIL import Image
 
     from tools.bench_peers import main
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.split(".")[0] in ("ffcv", "spdl") else find_spec(name, *a))
 
     rng = np.random.default_rng(0)
     for i in range(40):  # the photo corpus needs the bench extra; any JPEGs of a few sizes will do here
@@ -64,6 +71,8 @@ def test_bench_peers_runs_the_rows_asked_for(tmp_path):
                                        "--runs", "1", "--seconds", "0.1", "--only", "torch, keep shards jpeg",
                                        "--markdown", str(tmp_path / "t.md")])
     assert result.exit_code == 0, result.output
+    assert "skipped FFCV: not installed: apt-get install pkg-config" in result.output
+    assert "pip install spdl==0.8.0" in result.output
     table = (tmp_path / "t.md").read_text()
     rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| imgprep Loader")]
     assert rows == ["| imgprep Loader torch, keep shards jpeg",

@@ -103,7 +103,7 @@ FFCV_SHORTER = 192  # imgprep's shorter side that stores a 4:3 photo in FFCV's p
 INSTALL = {
     "ffcv": "apt-get install pkg-config libopencv-dev libturbojpeg0-dev && pip install --no-deps ffcv==1.0.2 "
             "&& pip install terminaltables pytorch_pfn_extras fastargs assertpy psutil",
-    "spdl": "apt-get install libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavfilter8 "
+    "spdl.io": "apt-get install libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavfilter8 "
             "libavdevice59 && pip install spdl==0.8.0",
     "nvidia.dali": "pip install nvidia-dali-cuda130",
 }
