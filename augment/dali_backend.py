@@ -12,14 +12,17 @@ the mirror flags and the batch's tag. The graph is one of four:
     resize    the stored images, each window resized to the output by ``fn.resize`` (its
               region of interest, antialiased linear), then ``crop_mirror_normalize`` without a
               crop: resized windows on a GPU, where the resize costs the host nothing
-    windows   windows the workers already cut and resized in uint8 (``augment.windows``):
-              resized windows on the CPU, where DALI's own resize costs several times more.
-              There the graph hands the uint8 windows out (with their mirror flags and lighting
-              offsets; the ten views of test10 alone) and ``augment.torch_ops`` finishes them
-              as the torch backend does (NCHW float32: one compiled pass, ``augment.planes``):
+    windows   windows the workers already cut (a JPEG: only the window's region decoded) and
+              resized in uint8 (``augment.windows``): every window on the CPU, where DALI's own
+              operators cost several times more. There the graph hands the uint8 windows out
+              (with their mirror flags, lighting offsets and, for mean-image normalisation,
+              corners; the ten views of test10 alone) and ``augment.torch_ops`` finishes them as
+              the torch backend does (NCHW float32: one compiled pass, ``augment.planes``):
               crop_mirror_normalize on the CPU, and the copy of its float output, cost ~190 us
-              an image more (2 cores).
+              an image more than that finish for resized windows, ~50 us for the paper's crops.
     ten       the paper's ten crops of square images, ten ``crop_mirror_normalize`` stacked
+
+``resize_on="device"`` runs DALI's own graphs (crop, resize, ten) on the CPU too.
 
 Lighting folds into a per-sample mean:  (v + offset - mean) / std = (v - (mean - offset)) / std.
 
@@ -69,6 +72,7 @@ FEEDS = {
     "crop": ("images", "labels", "offsets", "crop_x", "crop_y", "crop_side", "mirror", "tag"),
     "resize": ("images", "labels", "offsets", "roi_start", "roi_end", "out_size", "mirror", "tag"),
     "windows": ("images", "labels", "offsets", "mirror", "tag"),
+    "windows, mean image": ("images", "labels", "offsets", "mirror", "roi_start", "tag"),
     "ten windows": ("images", "labels", "offsets", "tag"),
     "ten": ("images", "labels", "offsets", "tag"),
     "feed only": ("images", "labels", "tag"),
@@ -89,13 +93,17 @@ def hands_windows(request: StreamRequest) -> bool:
 
 
 def graph_kind(request: StreamRequest) -> str:
-    spec = request.spec
+    """Which graph (see above) runs ``request``: DALI's own operators on the device where
+    ``resize_on`` asks for them (the default on a GPU), else the workers' windows. DALI's graphs
+    alone cut the mean image by each window on a GPU, and the ten views' mean image anywhere."""
+    spec, cuda = request.spec, request.device == "cuda"
+    by_dali = (request.resize_on or ("device" if cuda else "workers")) == "device"
+    mean_image = spec.normalize == "mean-image"  # square shards, no resize (AugmentSpec, the statistics)
     if spec.mode == "test10":
-        return "ten" if request.square and not spec.resizes else "windows"
+        return "ten" if request.square and not spec.resizes and (by_dali or mean_image) else "windows"
     if not spec.resizes:
-        return "crop"
-    resize_on = request.resize_on or ("device" if request.device == "cuda" else "workers")
-    return "resize" if resize_on == "device" else "windows"
+        return "crop" if by_dali or (cuda and mean_image) else "windows"
+    return "resize" if by_dali else "windows"
 
 
 def start_method(device: str) -> str:
@@ -176,7 +184,8 @@ class ShardSource:
 
 def build_pipeline(request: StreamRequest, feed_only: bool = False):
     """A started DALI pipeline for ``request``; outputs (images, labels, tag), and (offsets,
-    mirror) where it ``hands_windows`` of train or val (not the ten views of test10).
+    mirror[, corners (y, x) for mean-image]) where it ``hands_windows`` of train or val (not the
+    ten views of test10).
     ``feed_only``: the source's images as they are, no image operation (tools/bench_feed)."""
     from nvidia.dali import fn, pipeline_def, types
 
@@ -193,7 +202,9 @@ def build_pipeline(request: StreamRequest, feed_only: bool = False):
     layout = ("FCHW" if ten_windows else "CHW") if spec.layout == "NCHW" else ("FHWC" if ten_windows else "HWC")
     handed = hands_windows(request)
     bare = feed_only or (ten_windows and handed)  # the images alone: ten views are neither mirrored nor lit
-    names = FEEDS["feed only" if bare else "ten windows" if ten_windows else kind]
+    cornered = handed and spec.normalize == "mean-image"  # the finish cuts the mean image by each window
+    names = FEEDS["feed only" if bare else "ten windows" if ten_windows else "windows, mean image" if cornered
+                  else kind]
     source = ShardSource(request, kind, names)
     image_layout = "FHWC" if ten_windows else "" if request.compressed and kind != "windows" else "HWC"
 
@@ -210,7 +221,7 @@ def build_pipeline(request: StreamRequest, feed_only: bool = False):
         if bare:
             return image, label, tag
         if handed:
-            return image, label, tag, record["offsets"], record["mirror"]
+            return image, label, tag, record["offsets"], record["mirror"], *([record["roi_start"]] if cornered else [])
         offset = record["offsets"]
         if request.compressed and kind != "windows":  # JPEG blobs: decoded here, by nvJPEG on a GPU
             image = fn.decoders.image(image, device="mixed" if cuda else "cpu", output_type=types.RGB)
@@ -295,11 +306,11 @@ class DaliStream:
 
         images, labels, tag, *lit = (output.as_tensor() for output in self.pipe.run())  # valid until the next run
         if self.finishes:  # read (and mirrored) where DALI left them; on one thread, as the torch backend does
-            offsets, mirror = (torch.from_numpy(np.array(v)) for v in lit) if lit else (None, None)
+            offsets, mirror, *corners = (torch.from_numpy(np.array(v)) for v in lit) if lit else (None, None)
             outputs = self.outputs if self.spec.dtype == "float32" else None
             with one_torch_thread():
                 out = finish_windows(torch.from_numpy(np.asarray(images)), mirror.bool() if lit else None, offsets,
-                                     self.spec, self.colour, outputs)
+                                     self.spec, self.colour, outputs, *corners)
         else:
             out = self.outputs.take(tuple(images.shape()), to_torch_type[images.dtype])
             feed_ndarray(images, out)

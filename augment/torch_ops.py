@@ -91,14 +91,15 @@ def mirror_windows(windows: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
 
 
 def finish(windows: torch.Tensor, offsets: torch.Tensor, spec: AugmentSpec, colour: DeviceColour,
-           mean_windows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+           mean_at: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 windows [B, r, r, 3], already mirrored -> [B, 3, r, r] (NCHW) or [B, r, r, 3] in
-    spec.dtype: lighting ``offsets`` [B, 3] added, then normalised (``mean_windows``: the mean
-    image cut like the windows, for "mean-image"). ``out``: a float32 tensor of the output's
-    shape to write into (``augment.buffers``: on the CPU a new one costs more than the maths)."""
+    spec.dtype: lighting ``offsets`` [B, 3] added, then normalised. ``mean_at`` = (x, y, mirror),
+    tensors [B] (for "mean-image"): where each window lies in its square stored image and whether
+    it was mirrored, so that the mean image is cut the same way. ``out``: a float32 tensor of the
+    output's shape to write into (``augment.buffers``: on the CPU a new one costs more than the maths)."""
     nchw = spec.layout == "NCHW"
-    if nchw and windows.device.type == "cpu" and spec.dtype == "float32" and spec.normalize != "mean-image":
-        return planes_on_cpu(windows, offsets, spec, colour, out)
+    if nchw and windows.device.type == "cpu" and spec.dtype == "float32":
+        return planes_on_cpu(windows, offsets, spec, colour, mean_at, out)
     arranged = windows.permute(0, 3, 1, 2) if nchw else windows
     # Convert once, in the copy that rearranges, then scale and shift in place.
     values = arranged.to(torch.float32, memory_format=torch.contiguous_format) if out is None else out.copy_(arranged)
@@ -106,6 +107,7 @@ def finish(windows: torch.Tensor, offsets: torch.Tensor, spec: AugmentSpec, colo
     if spec.per_channel:  # (v + o - mean) / std
         values.sub_((colour.mean - offsets)[channel]).div_(colour.std[(None, *channel[1:])])
     elif spec.normalize == "mean-image":  # v + o - M, M cut by the same window and mirror
+        mean_windows = cut_windows(colour.mean_image.expand(len(windows), -1, -1, -1), *mean_at, windows.shape[1])
         values.sub_(mean_windows.permute(0, 3, 1, 2) if nchw else mean_windows).add_(offsets[channel])
     else:  # v + o
         values.add_(offsets[channel])
@@ -113,20 +115,28 @@ def finish(windows: torch.Tensor, offsets: torch.Tensor, spec: AugmentSpec, colo
 
 
 def planes_on_cpu(windows: torch.Tensor, offsets: torch.Tensor, spec: AugmentSpec, colour: DeviceColour,
-                  out: torch.Tensor | None) -> torch.Tensor:
-    """``finish`` for NCHW float32 on the CPU, per-channel or no normalisation: one compiled pass
-    (``augment.planes``) that gives the values of the torch ops to the last bit, 2-3x faster."""
-    from augment.planes import normalise_planes
+                  mean_at: tuple | None, out: torch.Tensor | None) -> torch.Tensor:
+    """``finish`` for NCHW float32 on the CPU: one compiled pass (``augment.planes``) that gives
+    the values of the torch ops to the last bit, 2-3x faster (8x with the mean image)."""
+    from augment.planes import normalise_planes, subtract_mean_planes
 
     batch, side = windows.shape[0], windows.shape[1]
     if out is None or not out.is_contiguous():  # the compiled loop writes whole planes in order
         out = torch.empty((batch, 3, side, side), dtype=torch.float32)
+    pixels, offsets = windows.contiguous().numpy(), offsets.to(torch.float32).contiguous().numpy()
+    if spec.normalize == "mean-image":  # (v - M) + o
+        x, y, mirror = mean_at
+        planar = colour.mean_image.permute(2, 0, 1).contiguous()  # ~8 us an image of a batch of 128
+        subtract_mean_planes(pixels, planar.numpy(), y.to(torch.int64).contiguous().numpy(),
+                             x.to(torch.int64).contiguous().numpy(), mirror.to(torch.bool).contiguous().numpy(),
+                             offsets, out.numpy())
+        return out
     if spec.per_channel:  # (v - (mean - o)) / std
-        shift, scale = colour.mean - offsets, colour.std
+        shift, scale = colour.mean.numpy() - offsets, colour.std.numpy()
     else:  # (v - (-o)) / 1 = v + o, exactly
-        shift, scale = -offsets, torch.ones(3)
-    normalise_planes(windows.contiguous().numpy(), shift.to(torch.float32).contiguous().numpy(),
-                     scale.to(torch.float32).contiguous().numpy(), out.numpy())
+        shift, scale = -offsets, np.ones(3, np.float32)
+    normalise_planes(pixels, np.ascontiguousarray(shift, np.float32), np.ascontiguousarray(scale, np.float32),
+                     out.numpy())
     return out
 
 
@@ -141,25 +151,27 @@ def kept_output(outputs, spec: AugmentSpec, lead: tuple) -> torch.Tensor | None:
 
 
 def finish_windows(windows: torch.Tensor, mirror: torch.Tensor, offsets: torch.Tensor, spec: AugmentSpec,
-                   colour: DeviceColour, outputs=None) -> torch.Tensor:
+                   colour: DeviceColour, outputs=None, corners: torch.Tensor | None = None) -> torch.Tensor:
     """Windows the loader workers cut and resized, uint8 [B, r, r, 3] (the ten views
     [B, 10, c, c, 3] in test10), mirrored where ``mirror`` [B] is true, lit and normalised; on
-    the CPU into a tensor ``outputs`` keeps (``kept_output``)."""
+    the CPU into a tensor ``outputs`` keeps (``kept_output``). ``corners`` [B, 2]: each window's
+    (y, x) in its square stored image, where "mean-image" cuts the mean image by the same window."""
     batch, side = windows.shape[0], windows.shape[-2]
     if spec.mode == "test10":
         return finish_ten(windows, spec, colour, kept_output(outputs, spec, (batch, 10, side)))
-    return finish(mirror_windows(windows, mirror), offsets, spec, colour, out=kept_output(outputs, spec, (batch, side)))
+    mean_at = None
+    if spec.normalize == "mean-image":
+        y, x = corners.to(torch.int64).unbind(1)
+        mean_at = (x, y, mirror)
+    return finish(mirror_windows(windows, mirror), offsets, spec, colour, mean_at,
+                  out=kept_output(outputs, spec, (batch, side)))
 
 
 def augment_whole(images: torch.Tensor, x, y, mirror, offsets, spec: AugmentSpec, colour: DeviceColour,
                   side: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Whole square images [B, S, S, 3] -> the output of their ``side`` x ``side`` windows at
     (x, y), mirrored, lit and normalised (``finish``)."""
-    windows = cut_windows(images, x, y, mirror, side)
-    mean_windows = None
-    if spec.normalize == "mean-image":
-        mean_windows = cut_windows(colour.mean_image.expand(len(windows), -1, -1, -1), x, y, mirror, side)
-    return finish(windows, offsets, spec, colour, mean_windows, out)
+    return finish(cut_windows(images, x, y, mirror, side), offsets, spec, colour, (x, y, mirror), out)
 
 
 def augment_batch(images: torch.Tensor, params: SampleParams, spec: AugmentSpec, colour: ColourStats) -> torch.Tensor:

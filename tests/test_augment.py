@@ -67,10 +67,11 @@ def test_torch_reference_matches_numpy(stats_shards, normalize, layout):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("normalize", ["torchvision", "none"])
+@pytest.mark.parametrize("normalize", ["torchvision", "none", "mean-image"])
 def test_cpu_planes_are_the_float32_maths_to_the_last_bit(normalize):
     """The compiled CPU pass (augment.planes) against the same float32 operations in numpy:
-    (v - (mean - o)) / std per channel, v + o without normalisation; windows mirrored first."""
+    (v - (mean - o)) / std per channel, v + o without normalisation, (v - M_b) + o with the mean
+    image M cut by each window (corner x_b, y_b) and mirrored with it; windows mirrored first."""
     from augment.colour import ColourStats
     from augment.torch_ops import finish, mirror_windows, on_device
 
@@ -78,16 +79,22 @@ def test_cpu_planes_are_the_float32_maths_to_the_last_bit(normalize):
     windows = rng.integers(0, 256, (5, 33, 33, 3), dtype=np.uint8)
     offsets = rng.normal(0, 9, (5, 3)).astype(np.float32)
     mirror = np.array([True, False, True, False, False])
+    x, y = np.array([0, 7, 3, 7, 1]), np.array([7, 0, 2, 5, 7])  # windows of 33 in a 40 x 40 mean image
     spec = AugmentSpec(normalize=normalize, crop=33, lighting=0.1)
+    mean_image = rng.normal(110, 40, (40, 40, 3)).astype(np.float32)
     colour = ColourStats(mean=np.array([123.675, 116.28, 103.53]), std=np.array([58.395, 57.12, 57.375]),
-                         eigval=np.ones(3), eigvec=np.eye(3), mean_image=None)
+                         eigval=np.ones(3), eigvec=np.eye(3), mean_image=mean_image)
     kept = torch.full((5, 3, 33, 33), np.nan)
-    got = finish(mirror_windows(torch.from_numpy(windows.copy()), torch.from_numpy(mirror)),
-                 torch.from_numpy(offsets), spec, on_device(colour, "cpu"), out=kept)
+    flags = torch.from_numpy(mirror)
+    got = finish(mirror_windows(torch.from_numpy(windows.copy()), flags), torch.from_numpy(offsets), spec,
+                 on_device(colour, "cpu"), (torch.from_numpy(x), torch.from_numpy(y), flags), out=kept)
     assert got.data_ptr() == kept.data_ptr()
     values = np.where(mirror[:, None, None, None], windows[:, :, ::-1], windows).astype(np.float32)
     if normalize == "none":
         expected = values + offsets[:, None, None, :]
+    elif normalize == "mean-image":
+        means = np.stack([mean_image[t : t + 33, s : s + 33][:, ::-1 if m else 1] for s, t, m in zip(x, y, mirror)])
+        expected = (values - means) + offsets[:, None, None, :]
     else:
         shift = colour.mean.astype(np.float32) - offsets
         expected = (values - shift[:, None, None, :]) / colour.std.astype(np.float32)
@@ -148,17 +155,20 @@ def test_ten_crop_geometry_against_numpy_slicing(stats_shards):
 
 
 @needs_dali
+@pytest.mark.parametrize("resize_on", ["workers", "device"])  # the CPU's default graph, and a GPU's run on the CPU
 @pytest.mark.parametrize("mode,normalize,dtype,layout", [
     ("train", "channel", "float32", "NCHW"), ("train", "mean-image", "float32", "NHWC"),
-    ("train", "none", "float16", "NCHW"), ("val", "channel", "float32", "NCHW"),
-    ("test10", "channel", "float32", "NCHW"),
+    ("train", "mean-image", "float32", "NCHW"), ("train", "none", "float16", "NCHW"),
+    ("val", "channel", "float32", "NCHW"), ("test10", "channel", "float32", "NCHW"),
+    ("test10", "mean-image", "float32", "NCHW"),
 ])
-def test_dali_matches_torch(stats_shards, mode, normalize, dtype, layout):
+def test_dali_matches_torch(stats_shards, mode, normalize, dtype, layout, resize_on):
     spec = AugmentSpec(mode=mode, normalize=normalize, dtype=dtype, layout=layout)
     split = "train" if mode == "train" else "val"
     results = {}
     for backend in ("dali", "torch"):
-        loader = Loader(stats_shards, split, batch_size=8, spec=spec, backend=backend, device="cpu", workers=1, seed=7)
+        loader = Loader(stats_shards, split, batch_size=8, spec=spec, backend=backend, device="cpu", workers=1, seed=7,
+                        resize_on=resize_on if backend == "dali" else None)
         results[backend] = collect(loader, epoch=3)
         loader.close()
     assert len(results["dali"]) == len(results["torch"]) > 0
@@ -175,7 +185,9 @@ def test_dali_jpeg_shards_decode_on_cpu(fake_src, tmp_path):
     out = tmp_path / "jpeg"
     run_cli(["shard", str(fake_src), "--out", str(out), "--encoding", "jpeg", "--quiet"])
     spec = AugmentSpec(mode="val", normalize="none", layout="NHWC")
-    batches = {b: collect(Loader(out, "val", 4, spec, backend=b, device="cpu", workers=1)) for b in ("dali", "torch")}
+    # DALI's own decoder, as on a GPU: on the CPU the workers decode each window's region by default
+    batches = {b: collect(Loader(out, "val", 4, spec, backend=b, device="cpu", workers=1,
+                                 resize_on="device" if b == "dali" else None)) for b in ("dali", "torch")}
     for (a, la), (b, lb) in zip(batches["dali"], batches["torch"]):
         assert torch.equal(la, lb)
         assert (a - b).abs().mean() < 1.0  # libjpeg-turbo in both; DALI may use another IDCT
