@@ -272,15 +272,23 @@ def test_resume_mid_epoch_gives_the_same_remaining_batches(stats_shards, backend
         assert torch.equal(la, lb) and torch.equal(a, b)
 
 
-def test_normalize_none_returns_the_0_255_maths(stats_shards):
-    spec = AugmentSpec(normalize="none", layout="NHWC")
-    loader = Loader(stats_shards, "train", 8, spec, backend="torch", device="cpu", workers=0, seed=9)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize,layout,workers", [("none", "NHWC", 0), ("mean-image", "NCHW", 1)])
+def test_the_loader_gives_the_numpy_maths(stats_shards, backend, normalize, layout, workers):
+    """What a Loader yields (the paper's crops, mirrors, lighting; 0-255 values, or the mean image
+    subtracted, as AlexNet trains) against the recipe written out in numpy."""
+    spec = AugmentSpec(normalize=normalize, layout=layout)
+    loader = Loader(stats_shards, "train", 8, spec, backend=backend, device="cpu", workers=workers, seed=9)
     loader.set_epoch(2)
-    images, labels = next(iter(loader))
+    with loader:
+        images, labels = next(iter(loader))
     indices = rank_samples(len(loader.reader), 8, 0, 1, True, 9, 2)[:8]
     params = sample_params(spec, 256, 9, 2, indices)
+    assert params.mirror.any() and not params.mirror.all()
     sources = np.stack([loader.reader[int(i)][0] for i in indices])
-    np.testing.assert_allclose(images.numpy(), numpy_reference(sources, params, loader.colour, spec), atol=1e-4)
+    expected = numpy_reference(sources, params, loader.colour, spec)
+    np.testing.assert_allclose(images.numpy(), expected if layout == "NHWC" else expected.transpose(0, 3, 1, 2),
+                               atol=1e-4)
     assert labels.tolist() == loader.reader.labels[indices].tolist()
 
 
