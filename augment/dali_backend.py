@@ -13,13 +13,14 @@ the mirror flags and the batch's tag. The graph is one of four:
               region of interest, antialiased linear), then ``crop_mirror_normalize`` without a
               crop: resized windows on a GPU, where the resize costs the host nothing
     windows   windows the workers already cut (a JPEG: only the window's region decoded) and
-              resized in uint8 (``augment.windows``): every window on the CPU, where DALI's own
-              operators cost several times more. There the graph hands the uint8 windows out
-              (with their mirror flags, lighting offsets and, for mean-image normalisation,
-              corners; the ten views of test10 alone) and ``augment.torch_ops`` finishes them as
-              the torch backend does (NCHW float32: one compiled pass, ``augment.planes``):
-              crop_mirror_normalize on the CPU, and the copy of its float output, cost ~190 us
-              an image more than that finish for resized windows, ~50 us for the paper's crops.
+              resized in uint8 (``augment.windows``): every window on the CPU (but the ten views
+              with the mean image), where DALI's own operators cost more. There the graph hands
+              the uint8 windows out (with their mirror flags, lighting offsets and, for
+              mean-image normalisation, corners; the ten views of test10 alone) and
+              ``augment.torch_ops`` finishes them as the torch backend does (NCHW float32: one
+              compiled pass, ``augment.planes``): crop_mirror_normalize on the CPU, and the copy
+              of its float output, cost ~190 us an image more than that finish for resized
+              windows, ~85 us for the paper's crops.
     ten       the paper's ten crops of square images, ten ``crop_mirror_normalize`` stacked
 
 ``resize_on="device"`` runs DALI's own graphs (crop, resize, ten) on the CPU too.

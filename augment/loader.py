@@ -54,8 +54,8 @@ class Loader:
         from its limit; ``colour``: the folder's colour
         statistics when the caller has them already (see ``augment.colour``); ``max_res``: the
         largest training resolution ``set_epoch`` will ask for (default spec.crop); ``resize_on``
-        (DALI): where resized windows are made, "device" (the default on a GPU) or "workers"
-        (the default on the CPU)."""
+        (DALI): where the windows are cut and resized, "device" (DALI's own operators; the
+        default on a GPU) or "workers" (uint8, in the workers; the default on the CPU)."""
         backend = backend or ("dali" if dali_available() else "torch")
         if backend not in BACKENDS:
             raise AugmentError(f"unknown backend {backend!r}: use 'dali' or 'torch'")

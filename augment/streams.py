@@ -35,7 +35,8 @@ class StreamRequest:
     square: bool  # every stored image S x S
     compressed: bool  # the shards hold JPEG blobs
     max_res: int  # the largest output side the stream will be asked for
-    resize_on: str | None = None  # DALI only: "device" or "workers" (None: the device on a GPU, else the workers)
+    resize_on: str | None = None  # DALI only: where windows are cut and resized, "device" or "workers"
+    #                               (None: the device on a GPU, else the workers)
     cache: object = None  # the prep.cache.ShardCache whose local folder ``root`` is, for a remote folder
 
     @property

@@ -35,6 +35,7 @@ What each path does, at its best settings we know of for a CPU machine:
   on a square crop shard the random-resized window is drawn from the 256 x 256 image. A
   reference row per backend runs the paper's recipe (the default ``AugmentSpec()``: a fixed
   224 window, mirror, PCA lighting, the shards' own per-channel statistics) on raw crop shards,
+  another the same with the mean image subtracted instead (what ``train`` does for AlexNet),
   and one reads JPEG keep shards of shorter side 192, which store a 4:3 photo in FFCV's pixels
   (256 x 192): the per-pixel comparison with FFCV's JPEG row. Each epoch is a full seeded
   permutation.
@@ -204,12 +205,14 @@ def ffcv_batches(beton: Path, batch_size: int, workers: int):
 
 
 @contextlib.contextmanager
-def imgprep_batches(shards: Path, batch_size: int, workers: int, backend: str, paper: bool):
-    """The augment Loader on the CPU: random-resized crops, or the paper's recipe."""
+def imgprep_batches(shards: Path, batch_size: int, workers: int, backend: str, paper: bool,
+                    normalize: str = "channel"):
+    """The augment Loader on the CPU: random-resized crops, or the paper's recipe (normalised
+    per channel, or by the mean image as ``train`` does for AlexNet)."""
     from augment import AugmentSpec, Loader
     from tools.benchkit import endless
 
-    spec = AugmentSpec() if paper else AugmentSpec(crop=SIDE, crop_mode="random-resized", flip=0.5, lighting=0.0,
+    spec = AugmentSpec(normalize=normalize) if paper else AugmentSpec(crop=SIDE, crop_mode="random-resized", flip=0.5, lighting=0.0,
                                                      normalize="torchvision")
     with Loader(shards, "train", batch_size, spec, backend=backend, device="cpu", workers=workers) as loader:
         yield (images for images, _ in endless(loader))
@@ -461,6 +464,9 @@ def loader_paths(tree: Path, files: list[Path], stores: dict, batch: int, worker
                               lambda b=backend, s=store: imgprep_batches(s, batch, workers, b, paper=False)))
         paths.append((f"imgprep Loader {backend}, crop shards raw, paper recipe (reference)",
                       lambda b=backend: imgprep_batches(stores["crop raw"], batch, workers, b, paper=True)))
+        paths.append((f"imgprep Loader {backend}, crop shards raw, paper recipe, mean image (AlexNet's default)",
+                      lambda b=backend: imgprep_batches(stores["crop raw"], batch, workers, b, paper=True,
+                                                        normalize="mean-image")))
         paths.append((f"imgprep Loader {backend}, keep shards jpeg, shorter side {FFCV_SHORTER} (FFCV's pixels)",
                       lambda b=backend: imgprep_batches(stores[store_name("keep", "jpeg", FFCV_SHORTER)], batch,
                                                         workers, b, paper=False)))
