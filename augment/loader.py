@@ -84,6 +84,7 @@ class Loader:
         self._check_res(spec.crop, "crop")
         self._check_res(self.max_res, "max_res")
         self.colour = colour or colour_stats(self.shard_set.root, spec)
+        self._check_mean_image()
         windows = ShardWindows(tuple(self.reader.starts), self.window) if self.window else None
         self.plan = BatchPlan(len(self.reader), spec, self.size, batch_size, rank, world_size, seed, self.colour,
                               windows)
@@ -112,6 +113,16 @@ class Loader:
         cut_at_res = spec.crop_mode == "paper" if spec.random else spec.val_resize is None
         if cut_at_res and res > self.size:
             raise AugmentError(f"{name} {res} is larger than the {self.size} px shard images")
+
+    def _check_mean_image(self) -> None:
+        """A mean image of the shards' own size, where the recipe subtracts one: the windows cut
+        from it are read unchecked by the compiled CPU pass (a ``colour`` passed in may be another's)."""
+        if self.spec.normalize != "mean-image":
+            return
+        shape = None if self.colour.mean_image is None else tuple(self.colour.mean_image.shape)
+        if shape != (self.size, self.size, 3):
+            raise AugmentError(f"mean-image normalisation needs a {self.size} x {self.size} x 3 mean image for "
+                               f"these shards, got {'none' if shape is None else ' x '.join(map(str, shape))}")
 
     def set_epoch(self, epoch: int, res: int | None = None) -> None:
         """The next iteration yields ``epoch`` from its start; its training batches are ``res``

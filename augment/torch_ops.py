@@ -37,19 +37,21 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 @dataclass(frozen=True)
 class DeviceColour:
     """The normalisation constants, on the device once: float32 mean [3], std [3] and the mean
-    image [S, S, 3] (mean-image normalisation only)."""
+    image [S, S, 3] (mean-image normalisation only), also as planes [3, S, S] (the CPU's pass)."""
 
     mean: torch.Tensor
     std: torch.Tensor
     mean_image: torch.Tensor | None
+    mean_planes: torch.Tensor | None = None
 
 
 def on_device(colour: ColourStats, device) -> DeviceColour:
     def tensor(values):
         return torch.as_tensor(np.asarray(values, dtype=np.float32), device=device)
 
-    return DeviceColour(tensor(colour.mean), tensor(colour.std),
-                        tensor(colour.mean_image) if colour.mean_image is not None else None)
+    mean_image = tensor(colour.mean_image) if colour.mean_image is not None else None
+    return DeviceColour(tensor(colour.mean), tensor(colour.std), mean_image,
+                        mean_image.permute(2, 0, 1).contiguous() if mean_image is not None else None)
 
 
 @contextlib.contextmanager
@@ -125,10 +127,12 @@ def planes_on_cpu(windows: torch.Tensor, offsets: torch.Tensor, spec: AugmentSpe
         out = torch.empty((batch, 3, side, side), dtype=torch.float32)
     pixels, offsets = windows.contiguous().numpy(), offsets.to(torch.float32).contiguous().numpy()
     if spec.normalize == "mean-image":  # (v - M) + o
-        x, y, mirror = mean_at
-        planar = colour.mean_image.permute(2, 0, 1).contiguous()  # ~8 us an image of a batch of 128
-        subtract_mean_planes(pixels, planar.numpy(), y.to(torch.int64).contiguous().numpy(),
-                             x.to(torch.int64).contiguous().numpy(), mirror.to(torch.bool).contiguous().numpy(),
+        x, y, mirror = (v.contiguous().numpy() for v in mean_at)
+        planes = colour.mean_planes.numpy()
+        if x.size and (min(x.min(), y.min()) < 0 or max(y.max(), x.max()) + side > min(planes.shape[1:])):
+            raise ValueError(f"windows of {side} at corners up to ({x.max()}, {y.max()}) fall outside the "
+                             f"{planes.shape[2]} x {planes.shape[1]} mean image")  # the pass reads unchecked
+        subtract_mean_planes(pixels, planes, y.astype(np.int64), x.astype(np.int64), mirror.astype(np.bool_),
                              offsets, out.numpy())
         return out
     if spec.per_channel:  # (v - (mean - o)) / std

@@ -1,6 +1,7 @@
 """augment: the maths against numpy, DALI against the torch reference, epochs across ranks,
 resume, and the error cases."""
 
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -99,6 +100,10 @@ def test_cpu_planes_are_the_float32_maths_to_the_last_bit(normalize):
         shift = colour.mean.astype(np.float32) - offsets
         expected = (values - shift[:, None, None, :]) / colour.std.astype(np.float32)
     np.testing.assert_array_equal(got.numpy(), expected.transpose(0, 3, 1, 2))
+    if normalize == "mean-image":  # the compiled pass reads unchecked: a window outside M is refused first
+        with pytest.raises(ValueError, match="outside the 40 x 40 mean image"):
+            finish(torch.from_numpy(windows), torch.from_numpy(offsets), spec, on_device(colour, "cpu"),
+                   (torch.from_numpy(x + 1), torch.from_numpy(y), flags))
 
 
 def test_crop_positions_cover_every_offset_and_flips_are_fair():
@@ -318,6 +323,11 @@ def test_statistics_rules(stats_shards, fresh_copy):
         Loader(fresh_copy, batch_size=8, device="cpu", backend="torch")  # fresh_copy has no stats.json
     with pytest.raises(AugmentError, match="mean-image normalisation needs"):
         Loader(fresh_copy, batch_size=8, spec=AugmentSpec(lighting=0, normalize="mean-image"), device="cpu",
+               backend="torch")
+    small = dataclasses.replace(colour_stats(stats_shards, AugmentSpec(normalize="mean-image")),
+                                mean_image=np.zeros((128, 128, 3), np.float32))  # another folder's
+    with pytest.raises(AugmentError, match="needs a 256 x 256 x 3 mean image for these shards, got 128 x 128 x 3"):
+        Loader(stats_shards, batch_size=8, spec=AugmentSpec(normalize="mean-image"), colour=small, device="cpu",
                backend="torch")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
