@@ -159,7 +159,7 @@ def test_ctrl_c_ends_every_process(stats_shards, tmp_path):
     wait_for_epochs(out, process, 1)
     os.killpg(process.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted"
+    assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr
     assert_group_ends(process.pid)
 
 
