@@ -13,14 +13,14 @@ the mirror flags and the batch's tag. The graph is one of four:
               region of interest, antialiased linear), then ``crop_mirror_normalize`` without a
               crop: resized windows on a GPU, where the resize costs the host nothing
     windows   windows the workers already cut (a JPEG: only the window's region decoded) and
-              resized in uint8 (``augment.windows``): every window on the CPU (but the ten views
-              with the mean image), where DALI's own operators cost more. There the graph hands
-              the uint8 windows out (with their mirror flags, lighting offsets and, for
-              mean-image normalisation, corners; the ten views of test10 alone) and
-              ``augment.torch_ops`` finishes them as the torch backend does (NCHW float32: one
-              compiled pass, ``augment.planes``): crop_mirror_normalize on the CPU, and the copy
-              of its float output, cost ~190 us an image more than that finish for resized
-              windows, ~85 us for the paper's crops.
+              resized in uint8 (``augment.windows``): resized windows on the CPU (the paper's
+              crops too where ``resize_on="workers"`` asks), where DALI's own operators cost
+              more. There the graph hands the uint8 windows out (with their mirror flags,
+              lighting offsets and, for mean-image normalisation, corners; the ten views of
+              test10 alone) and ``augment.torch_ops`` finishes them as the torch backend does
+              (NCHW float32: one compiled pass, ``augment.planes``): crop_mirror_normalize on the
+              CPU, and the copy of its float output, cost ~190 us an image more than that finish
+              for resized windows, ~85 us for the paper's crops.
     ten       the paper's ten crops of square images, ten ``crop_mirror_normalize`` stacked
 
 ``resize_on="device"`` runs DALI's own graphs (crop, resize, ten) on the CPU too.
@@ -95,10 +95,13 @@ def hands_windows(request: StreamRequest) -> bool:
 
 def graph_kind(request: StreamRequest) -> str:
     """Which graph (see above) runs ``request``: DALI's own operators on the device where
-    ``resize_on`` asks for them (the default on a GPU), else the workers' windows. DALI's graphs
-    alone cut the mean image by each window on a GPU, and the ten views' mean image anywhere."""
+    ``resize_on`` asks for them (the default, but for resized windows on the CPU), else the
+    workers' windows. DALI's graphs alone cut the mean image by each window on a GPU, and the ten
+    views' mean image anywhere. The paper's crops on the CPU are 1.7x faster from the workers'
+    windows, but only where asked: with them, a Ctrl-C of a two-process run ended once in a
+    crash at interpreter exit (BENCHMARKS.md), a cause not found."""
     spec, cuda = request.spec, request.device == "cuda"
-    by_dali = (request.resize_on or ("device" if cuda else "workers")) == "device"
+    by_dali = (request.resize_on or ("device" if cuda or not spec.resizes else "workers")) == "device"
     mean_image = spec.normalize == "mean-image"  # square shards, no resize (AugmentSpec, the statistics)
     if spec.mode == "test10":
         return "ten" if request.square and not spec.resizes and (by_dali or mean_image) else "windows"

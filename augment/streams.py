@@ -36,7 +36,7 @@ class StreamRequest:
     compressed: bool  # the shards hold JPEG blobs
     max_res: int  # the largest output side the stream will be asked for
     resize_on: str | None = None  # DALI only: where windows are cut and resized, "device" or "workers"
-    #                               (None: the device on a GPU, else the workers)
+    #                               (None: the workers for resized windows on the CPU, else the device)
     cache: object = None  # the prep.cache.ShardCache whose local folder ``root`` is, for a remote folder
 
     @property
