@@ -6,11 +6,12 @@ same images out of the page cache, in one run on the same cores.
 
 "Feed" is everything the Loader's worker processes do before DALI's or torch's image
 operations: pick the batch's samples (this epoch's permutation, this rank's slice), draw their
-crops, mirrors and lighting, cut each window (on the CPU both backends' workers cut them), and
-move those uint8 pixels to where the image operations read them (DALI's shared memory, or the
-torch backend's shared buffers). It is measured as the CPU
-time (user + system, from /proc) the worker processes spend per sample while the Loader runs
-the paper's train recipe on the CPU, after warm-up.
+crops, mirrors and lighting, cut each window where the workers cut them (the torch backend on
+the CPU; DALI for resized windows or where resize_on="workers" asks), and move those uint8
+pixels to where the image operations read them (DALI's shared memory, or the torch backend's
+shared buffers). It is measured as the CPU time (user + system, from /proc) the worker
+processes spend per sample while the Loader runs the paper's train recipe on the CPU, after
+warm-up.
 
 The headline ratio is the feed alone: the same worker processes, with the main process only
 taking their batches. A second row per backend measures the same workers while DALI's or
@@ -20,9 +21,8 @@ for memory bandwidth and caches, which slows the copies themselves.
 The floor is one process copying each image, in the same random order, out of the shards'
 memory maps into a batch array: the least any feed must do. Shards are synthetic raw shards
 (random pixels: the content does not change a copy), read once first so the page cache is warm.
-The target was <= 1.5x the floor for both backends while the workers copied whole images;
-DALI's workers now cut each window into an array that DALI copies again (BENCHMARKS.md). The
-last line is exactly ``feed vs copy floor: dali X.XXx, torch Y.YYx``.
+The target is <= 1.5x the floor for both backends (BENCHMARKS.md says what the windows cost).
+The last line is exactly ``feed vs copy floor: dali X.XXx, torch Y.YYx``.
 """
 
 from __future__ import annotations
