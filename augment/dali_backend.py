@@ -98,8 +98,8 @@ def graph_kind(request: StreamRequest) -> str:
     ``resize_on`` asks for them (the default, but for resized windows on the CPU), else the
     workers' windows. DALI's graphs alone cut the mean image by each window on a GPU, and the ten
     views' mean image anywhere. The paper's crops on the CPU are 1.7x faster from the workers'
-    windows, but only where asked: with them, a Ctrl-C of a two-process run ended once in a
-    crash at interpreter exit (BENCHMARKS.md), a cause not found."""
+    windows, but only where asked: with them, a Ctrl-C of a two-process run sometimes ended in
+    a crash at interpreter exit (BENCHMARKS.md), a cause not found yet."""
     spec, cuda = request.spec, request.device == "cuda"
     by_dali = (request.resize_on or ("device" if cuda or not spec.resizes else "workers")) == "device"
     mean_image = spec.normalize == "mean-image"  # square shards, no resize (AugmentSpec, the statistics)
